@@ -1,0 +1,89 @@
+"""``add_mmt_psm_config(cfg)``: every key this project adds to Detectron2's config, with defaults.
+
+The defaults switch nothing on: a config that only calls this function trains a plain supervised model.
+Method defaults (MMT-PSM numbers from the authors' maskrcnn-benchmark code) live in ``configs/*.yaml``.
+"""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+
+def add_mmt_psm_config(cfg: CN) -> None:
+    """Add this project's keys to ``cfg`` in place (idempotent)."""
+    _C = cfg
+    if hasattr(_C, "SEMI"):
+        return
+
+    # ---------------------------------------------------------------- data
+    # Intensity augmentation of labeled images (multiplicative factors sampled uniformly in [1-x, 1+x]).
+    _C.INPUT.BRIGHTNESS = 0.0
+    _C.INPUT.CONTRAST = 0.0
+    # Evaluate 1024 x 1024 images whole (0) or by sliding windows of this size (>0) to bound CPU memory.
+    _C.TEST.SLIDING_WINDOW = 0
+    # Unlabeled training sets (names registered in DatasetCatalog); empty = supervised training.
+    _C.DATASETS.TRAIN_UNLABELED = ()
+    # Optional split file (tools/make_splits.py): restricts DATASETS.TRAIN to its labeled ids and adds the
+    # rest of the split's base data set to the unlabeled stream.
+    _C.DATASETS.SPLIT_FILE = ""
+
+    # ---------------------------------------------------------------- teacher-student core
+    _C.SEMI = CN()
+    # Images per step and per GPU from each stream (SOLVER.IMS_PER_BATCH is ignored when these are > 0).
+    _C.SEMI.IMS_PER_BATCH_LABELED = 0
+    _C.SEMI.IMS_PER_BATCH_UNLABELED = 0
+    # Supervised-only iterations before any unsupervised loss.
+    _C.SEMI.BURN_IN_ITERS = 0
+    # EMA teacher: decay_t = min(1 - 1/(t+1), EMA_DECAY), updated after every step from EMA_START_ITER.
+    _C.SEMI.EMA_DECAY = 0.99
+    _C.SEMI.EMA_START_ITER = 0
+    # Copy the student into the teacher when burn-in ends.
+    _C.SEMI.COPY_TEACHER_AT_BURN_IN = True
+    # Unsupervised weight w(t) = UNSUP_WEIGHT * ramp(t): exp(-5(1-x)^2) over RAMP_UP_ITERS after burn-in,
+    # exp(-12(1-x)^2) over the last RAMP_DOWN_ITERS (0 disables a ramp).
+    _C.SEMI.UNSUP_WEIGHT = 1.0
+    _C.SEMI.RAMP_UP_ITERS = 0
+    _C.SEMI.RAMP_DOWN_ITERS = 0
+    # Model used for the reported evaluation: "teacher" or "student" (the other is evaluated too, suffixed).
+    _C.SEMI.EVAL_WITH = "teacher"
+    # Write PNGs of the teacher's pseudo-labels every N iterations (0 = never).
+    _C.SEMI.VIS_PERIOD = 0
+
+    # ---------------------------------------------------------------- MMT-PSM
+    _C.MODEL.MMT_PSM = CN()
+    # The detector wrapped by the semi-supervised meta-architecture.
+    _C.MODEL.MMT_PSM.STUDENT_ARCHITECTURE = "GeneralizedRCNN"
+    # Views of an unlabeled image: K colour copies for the teacher, each also h-flipped when TEACHER_FLIP.
+    _C.MODEL.MMT_PSM.NUM_TEACHER_COPIES = 2
+    _C.MODEL.MMT_PSM.TEACHER_FLIP = True
+    _C.MODEL.MMT_PSM.BRIGHTNESS = 0.15
+    _C.MODEL.MMT_PSM.CONTRAST = 0.15
+    _C.MODEL.MMT_PSM.HUE = 0.05
+    _C.MODEL.MMT_PSM.ERASE_PROB = 0.9
+    _C.MODEL.MMT_PSM.ERASE_MAX_PATCHES = 10
+    _C.MODEL.MMT_PSM.ERASE_AREA = (0.001, 0.004)
+    _C.MODEL.MMT_PSM.ERASE_ASPECT = (0.2, 5.0)
+    # Pseudo-labels: the teacher's post-processed detections on view 0; masks > MASK_THRESHOLD form M.
+    _C.MODEL.MMT_PSM.PSEUDO_SCORE_THRESH = 0.05
+    _C.MODEL.MMT_PSM.MASK_THRESHOLD = 0.5
+    _C.MODEL.MMT_PSM.FUSE_ALL_VIEWS = False
+    # Proposals sampled per unlabeled image and their positive fraction; IoU to a pseudo box for foreground.
+    _C.MODEL.MMT_PSM.PROPOSAL_BATCH_SIZE = 512
+    _C.MODEL.MMT_PSM.PROPOSAL_POSITIVE_FRACTION = 0.25
+    _C.MODEL.MMT_PSM.PROPOSAL_IOU = 0.5
+    # Perturbation-sensitive mining: keep all positives + floor(|P| * ratio) most sensitive negatives.
+    _C.MODEL.MMT_PSM.MINING = True
+    _C.MODEL.MMT_PSM.NEGATIVE_RATIO = 0.5
+    _C.MODEL.MMT_PSM.NEGATIVE_WEIGHT = 1.5
+    # Semantic distillation loss_psm (sharpened teacher mean vs student), and its weight.
+    _C.MODEL.MMT_PSM.PSM_LOSS = True
+    _C.MODEL.MMT_PSM.PSM_WEIGHT = 0.2
+    _C.MODEL.MMT_PSM.SHARPEN_T = 0.5
+    # Dropout after fc7 of the student's box head (teacher: none).
+    _C.MODEL.MMT_PSM.STUDENT_BOX_DROPOUT = 0.5
+    # Mask-guided feature distillation loss_mgd on these FPN levels through 1x1 adaptors.
+    _C.MODEL.MMT_PSM.MGD_LOSS = True
+    _C.MODEL.MMT_PSM.MGD_WEIGHT = 1.0
+    _C.MODEL.MMT_PSM.MGD_IN_FEATURES = ("p2", "p3", "p4", "p5", "p6")
+    _C.MODEL.MMT_PSM.MGD_ADAPTOR_DIM = 128
+    # False = mean-teacher feature consistency over the whole image (no mask guidance).
+    _C.MODEL.MMT_PSM.MGD_USE_MASK = True
