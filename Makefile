@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make quickstart` (main job on the embedded synthetic data) and
+# `make test` (the test suite). Both set up .venv first; a second `make setup` takes seconds.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmt_psm_setup
+
+.PHONY: setup test quickstart lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+quickstart: setup
+	$(PY) tools/quickstart.py
+
+clean:
+	rm -rf build output_quickstart .pytest_cache
