@@ -18,13 +18,13 @@ def add_mmt_psm_config(cfg: CN) -> None:
     # Intensity augmentation of labeled images (multiplicative factors sampled uniformly in [1-x, 1+x]).
     _C.INPUT.BRIGHTNESS = 0.0
     _C.INPUT.CONTRAST = 0.0
-    # Evaluate 1024 x 1024 images whole (0) or by sliding windows of this size (>0) to bound CPU memory.
-    _C.TEST.SLIDING_WINDOW = 0
     # Unlabeled training sets (names registered in DatasetCatalog); empty = supervised training.
     _C.DATASETS.TRAIN_UNLABELED = ()
     # Optional split file (tools/make_splits.py): restricts DATASETS.TRAIN to its labeled ids and adds the
     # rest of the split's base data set to the unlabeled stream.
     _C.DATASETS.SPLIT_FILE = ""
+    # Seed of the training streams' order and augmentations (-1: drawn once per run, saved in checkpoints).
+    _C.DATALOADER.STREAM_SEED = -1
 
     # ---------------------------------------------------------------- teacher-student core
     _C.SEMI = CN()

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Train or evaluate a cell/organ segmentation model with Detectron2's usual command line.
+
+    python tools/train_net.py --config-file configs/mmt_psm_R50.yaml --num-gpus 4
+    python tools/train_net.py --config-file configs/supervised_R50.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+
+Flags are Detectron2's (`--num-machines`, `--machine-rank`, `--dist-url`, `--resume`, `--eval-only`,
+trailing `KEY VALUE` overrides). Importing ``mmt_psm`` registers the data sets, models and evaluators.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import mmt_psm  # noqa: F401  (registers everything)
+from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.engine import Trainer
+
+
+def setup(args) -> CfgNode:
+    """Build the frozen config from ``--config-file`` and overrides, and set up logging and the output dir."""
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{args.config_file}: MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available; "
+            "add 'MODEL.DEVICE cpu' to the command line"
+        )
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        logging.getLogger("mmt_psm").warning("SOLVER.AMP.ENABLED needs CUDA; training in fp32 on the CPU")
+        cfg.SOLVER.AMP.ENABLED = False
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
