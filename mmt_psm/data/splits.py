@@ -1,0 +1,127 @@
+"""Seeded labeled/unlabeled split files and the derived data sets they register.
+
+A split file is JSON::
+
+    {"dataset": "isbi2015_train", "seed": 1, "count": 2, "percent": null,
+     "labeled_ids": [...], "unlabeled_ids": [...]}
+
+It lists image IDS (the COCO ``image_id``), never list positions, so it stays valid when a data set's files
+are re-ordered. The labeled ids are ``random.Random(seed).sample(sorted_ids, k)``, which is the same on every
+machine and Python 3 version; both id lists are stored sorted. Written by ``tools/make_splits.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+SPLIT_KEYS = ("dataset", "seed", "count", "percent", "labeled_ids", "unlabeled_ids")
+
+
+def num_labeled(n: int, count: Optional[int] = None, percent: Optional[float] = None) -> int:
+    """Number of labeled images: ``count``, or ``percent`` of ``n`` rounded half up (at least 1)."""
+    if (count is None) == (percent is None):
+        raise ValueError("give exactly one of count or percent")
+    if count is not None:
+        k = int(count)
+    else:
+        if not 0 < float(percent) <= 100:
+            raise ValueError(f"percent must be in (0, 100], got {percent}")
+        k = max(1, math.floor(n * float(percent) / 100.0 + 0.5))
+    if not 0 < k <= n:
+        raise ValueError(f"cannot label {k} of {n} images")
+    return k
+
+
+def make_split(
+    dataset: str,
+    image_ids: Sequence[int],
+    seed: int,
+    count: Optional[int] = None,
+    percent: Optional[float] = None,
+) -> Dict[str, Any]:
+    """A split record choosing labeled ids with ``random.Random(seed)`` over the sorted ids."""
+    ids = sorted({int(i) for i in image_ids})
+    if len(ids) != len(image_ids):
+        raise ValueError(f"{dataset}: duplicate image ids")
+    k = num_labeled(len(ids), count, percent)
+    labeled = sorted(random.Random(int(seed)).sample(ids, k))
+    chosen = set(labeled)
+    return {
+        "dataset": dataset,
+        "seed": int(seed),
+        "count": int(count) if count is not None else None,
+        "percent": float(percent) if percent is not None else None,
+        "labeled_ids": labeled,
+        "unlabeled_ids": [i for i in ids if i not in chosen],
+    }
+
+
+def write_split(path: str, split: Dict[str, Any]) -> None:
+    """Write a split record as indented JSON (small, diff-friendly, committed to the repo)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({k: split[k] for k in SPLIT_KEYS}, f, indent=1)
+        f.write("\n")
+
+
+def load_split(path: str) -> Dict[str, Any]:
+    """Read and validate a split file (all keys present, disjoint sorted id lists)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file not found: {path} (write one with tools/make_splits.py)")
+    with open(path) as f:
+        split = json.load(f)
+    missing = [k for k in SPLIT_KEYS if k not in split]
+    if missing:
+        raise ValueError(f"split file {path} lacks keys {missing}")
+    lab, unl = split["labeled_ids"], split["unlabeled_ids"]
+    if set(lab) & set(unl):
+        raise ValueError(f"split file {path}: ids both labeled and unlabeled: {sorted(set(lab) & set(unl))}")
+    split["labeled_ids"], split["unlabeled_ids"] = sorted(int(i) for i in lab), sorted(int(i) for i in unl)
+    return split
+
+
+def split_names(split: Dict[str, Any]) -> Tuple[str, str]:
+    """Names of the derived data sets, e.g. ``isbi2015_train@seed1_n2_labeled`` / ``..._unlabeled``."""
+    size = f"n{split['count']}" if split.get("count") is not None else f"p{split['percent']:g}"
+    stem = f"{split['dataset']}@seed{split['seed']}_{size}"
+    return f"{stem}_labeled", f"{stem}_unlabeled"
+
+
+def _select(base: str, ids: List[int], split_file: str, strip: bool) -> List[Dict[str, Any]]:
+    from detectron2.data import DatasetCatalog
+
+    by_id = {d["image_id"]: d for d in DatasetCatalog.get(base)}
+    absent = [i for i in ids if i not in by_id]
+    if absent:
+        raise ValueError(f"split file {split_file}: image ids {absent} are not in data set {base}")
+    out = [dict(by_id[i]) for i in ids]
+    if strip:
+        for d in out:
+            d.pop("annotations", None)
+    return out
+
+
+def register_split(split_file: str) -> Tuple[str, str]:
+    """Register the labeled and unlabeled (annotations stripped) subsets of a split file's base data set.
+
+    The base data set must already be registered; registration reads only the small split file. Returns
+    ``(labeled_name, unlabeled_name)``; registering the same file again replaces the two entries.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    split = load_split(split_file)
+    base = split["dataset"]
+    if base not in DatasetCatalog.list():
+        raise KeyError(f"split file {split_file}: base data set {base!r} is not registered")
+    meta = {k: v for k, v in MetadataCatalog.get(base).as_dict().items() if k != "name"}
+    names = split_names(split)
+    for name, ids, strip in zip(names, (split["labeled_ids"], split["unlabeled_ids"]), (False, True)):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, lambda ids=ids, strip=strip: _select(base, ids, split_file, strip))
+        MetadataCatalog.get(name).set(**meta, split_file=split_file, base_dataset=base)
+    return names
