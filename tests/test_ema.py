@@ -83,3 +83,17 @@ def test_mismatched_modules_raise():
         ema_update_(_net(), nn.Sequential(nn.Conv2d(3, 4, 3)), 0.5)
     with pytest.raises(ValueError):
         ema_update_(_net(), _net(), 1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_student_fp32_teacher():
+    teacher, student = _trained_pair()
+    teacher, student = teacher.cuda(), student.cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        student(torch.randn(2, 3, 8, 8, device="cuda")).float().sum().backward()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update_(teacher, student, 0.99)
+    for k, v in teacher.state_dict().items():
+        assert v.dtype == before[k].dtype and v.device.type == "cuda"
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.99 * before[k] + 0.01 * student.state_dict()[k])
