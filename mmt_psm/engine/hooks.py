@@ -36,7 +36,7 @@ class EMATeacherHook(HookBase):
                 copy_student_to_teacher_(teacher, student)
             decay = 0.0
         elif it >= self.start_iter:
-            decay = ema_decay(it, self.decay)
+            decay = ema_decay(it - self.start_iter, self.decay)
             for teacher, student in model.teacher_student_pairs():
                 ema_update_(teacher, student, decay)
         else:

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Export the teacher of a teacher-student checkpoint as a plain Detectron2 model.
+
+    python tools/export_teacher.py output/mmt_psm_R50                 # uses last_checkpoint + config.yaml
+    python tools/export_teacher.py output/mmt_psm_R50/model_final.pth --config output/mmt_psm_R50/config.yaml
+
+Writes ``<out>/model_teacher.pth`` (a GeneralizedRCNN / SemanticSegmentor state dict in Detectron2's
+checkpoint format) and ``<out>/config_teacher.yaml`` (only Detectron2's own keys, META_ARCHITECTURE set to the
+student architecture, MODEL.WEIGHTS pointing at the exported file). Both load in Detectron2's demo and
+``DefaultPredictor`` without this package installed. ``--which student`` exports the student instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmt_psm.config import add_mmt_psm_config  # noqa: E402
+
+
+def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
+    """Detectron2's default config updated with every key of ``cfg`` that Detectron2 itself knows."""
+    plain = get_cfg()
+
+    def copy_known(dst: CfgNode, src: CfgNode) -> None:
+        for key, value in src.items():
+            if key not in dst:
+                continue
+            if isinstance(value, CfgNode) and isinstance(dst[key], CfgNode):
+                copy_known(dst[key], value)
+            else:
+                dst[key] = value
+
+    copy_known(plain, cfg)
+    if cfg.MODEL.get("MMT_PSM") is not None and cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN":
+        plain.MODEL.META_ARCHITECTURE = cfg.MODEL.MMT_PSM.STUDENT_ARCHITECTURE
+    plain.MODEL.WEIGHTS = weights
+    return plain
+
+
+def extract_model(state: Dict[str, torch.Tensor], which: str = "teacher") -> Dict[str, torch.Tensor]:
+    """The ``which.`` sub-state-dict (prefix removed); a state dict without that prefix is returned as is."""
+    prefix = f"{which}."
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return sub if sub else dict(state)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="training OUTPUT_DIR or a checkpoint .pth")
+    ap.add_argument("--config", default="", help="config of the run (default: config.yaml beside the checkpoint)")
+    ap.add_argument("--output", default="", help="output folder (default: the checkpoint's folder)")
+    ap.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    args = ap.parse_args(argv)
+
+    if os.path.isdir(args.source):
+        with open(os.path.join(args.source, "last_checkpoint")) as f:
+            ckpt = os.path.join(args.source, f.read().strip())
+    else:
+        ckpt = args.source
+    run_dir = os.path.dirname(os.path.abspath(ckpt))
+    config = args.config or os.path.join(run_dir, "config.yaml")
+    out_dir = args.output or run_dir
+    for path in (ckpt, config):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist")
+
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(config)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = extract_model(state["model"] if "model" in state else state, args.which)
+
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, f"model_{args.which}.pth")
+    tmp = weights + ".tmp"
+    torch.save({"model": model}, tmp)
+    os.replace(tmp, weights)
+    plain = plain_config(cfg, os.path.abspath(weights))
+    cfg_path = os.path.join(out_dir, f"config_{args.which}.yaml")
+    with open(cfg_path, "w") as f:
+        f.write(plain.dump())
+    print(f"wrote {weights} ({len(model)} tensors) and {cfg_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
