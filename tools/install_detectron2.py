@@ -162,7 +162,8 @@ PATCHES: Dict[str, Tuple[str, Callable[[str], None]]] = {
             _sub("detectron2/model_zoo/model_zoo.py", "import pkg_resources\n", "")(root),
             _sub(
                 "detectron2/model_zoo/model_zoo.py",
-                'pkg_resources.resource_filename(\n        "detectron2.model_zoo", os.path.join("configs", config_path)\n    )',
+                "pkg_resources.resource_filename(\n"
+                '        "detectron2.model_zoo", os.path.join("configs", config_path)\n    )',
                 'os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)',
             )(root),
         ),

@@ -138,7 +138,7 @@ class MMTPSMRCNN(nn.Module):
         """The (EMA target, source) module pairs the EMA hook updates."""
         return [(self.teacher, self.student), (self.adaptors_teacher, self.adaptors_student)]
 
-    def train(self, mode: bool = True) -> "MMTPSMRCNN":
+    def train(self, mode: bool = True) -> MMTPSMRCNN:
         super().train(mode)
         self.teacher.eval()
         self.adaptors_teacher.eval()
