@@ -66,10 +66,18 @@ class TrainingStateHook(HookBase):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        # RNG states are applied in before_train: resuming rebuilds the data loader, which draws from torch's RNG
         self.trainer.data_seed = int(state["data_seed"])
+        self._pending = state
+
+    def before_train(self) -> None:
+        state = getattr(self, "_pending", None)
+        if state is None:
+            return
         random.setstate(state["python_rng"])
         kind, key, pos, has_gauss, gauss = state["numpy_rng"]
         np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._pending = None

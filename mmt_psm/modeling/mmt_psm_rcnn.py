@@ -94,6 +94,19 @@ class MMTPSMRCNN(nn.Module):
         self._eval_with = eval_with
         self.teacher.eval()
         self.adaptors_teacher.eval()
+        self._register_load_state_dict_pre_hook(self._load_plain_detector)
+
+    @staticmethod
+    def _load_plain_detector(state_dict, prefix, *args) -> None:
+        """Accept a plain detector state dict (e.g. a supervised checkpoint as MODEL.WEIGHTS): load it into
+        both student and teacher."""
+        if any(k.startswith(prefix + "student.") for k in state_dict):
+            return
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            value = state_dict.pop(key)
+            rest = key[len(prefix) :]
+            state_dict[f"{prefix}student.{rest}"] = value
+            state_dict[f"{prefix}teacher.{rest}"] = value
 
     @classmethod
     def from_config(cls, cfg):

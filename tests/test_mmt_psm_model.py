@@ -1,0 +1,119 @@
+"""MMT-PSM meta-architecture: losses on a real step, zero pseudo-labels, teacher mode, switches, NaN stop."""
+import math
+
+import pytest
+import torch
+from common import tiny_cfg, tiny_synthetic
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from mmt_psm.data.mapper import CellDatasetMapper
+from mmt_psm.data.view_mapper import MMTPSMViewMapper
+from mmt_psm.engine import Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tiny_synthetic(str(tmp_path_factory.mktemp("tiny")), prefix="mdl")
+    return "mdl"
+
+
+def _batch(cfg):
+    lab = CellDatasetMapper(cfg, True)(DatasetCatalog.get("mdl_train")[0])
+    unl = MMTPSMViewMapper(cfg)(DatasetCatalog.get("mdl_unlabeled")[0])
+    lab["labeled"], unl["labeled"] = True, False
+    return [lab, unl]
+
+
+def _model(cfg, **overrides):
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_step_after_burn_in_gives_finite_distillation_losses(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # random teacher: keep its (low-score) detections as pseudo-labels
+    model = _model(cfg)
+    with EventStorage(start_iter=10) as storage:
+        losses = model(_batch(cfg))
+        sum(losses.values()).backward()
+    assert {"loss_cls", "loss_mask", "loss_rpn_cls", "loss_psm", "loss_mgd"} <= set(losses)
+    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert float(losses["loss_psm"]) > 0 and float(losses["loss_mgd"]) > 0
+    assert storage.latest()["mmt_psm/pseudo_labels_per_image"][0] > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.adaptors_student.adaptors["p2"].weight.grad.abs().sum() > 0
+
+
+def test_teacher_that_predicts_nothing_gives_zero_losses_and_training_goes_on(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 1.01  # no detection can pass
+    model = _model(cfg)
+    with EventStorage(start_iter=10) as storage:
+        losses = model(_batch(cfg))
+        sum(losses.values()).backward()
+    assert float(losses["loss_psm"]) == 0.0 and float(losses["loss_mgd"]) == 0.0
+    assert math.isfinite(float(sum(losses.values())))
+    assert storage.latest()["mmt_psm/pseudo_labels_per_image"][0] == 0
+    assert storage.latest()["mmt_psm/mined_negatives_per_image"][0] == 0
+    # the adaptors took part in the graph (same parameters on every DDP rank), with zero gradient
+    assert torch.count_nonzero(model.adaptors_student.adaptors["p2"].weight.grad) == 0
+
+
+def test_burn_in_is_supervised_only(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    model = _model(cfg)
+    with EventStorage(start_iter=0) as storage:
+        losses = model(_batch(cfg))
+    assert float(losses["loss_psm"]) == 0.0 and float(losses["loss_mgd"]) == 0.0
+    assert storage.latest()["mmt_psm/unsup_weight"][0] == 0.0
+    assert "mmt_psm/pseudo_labels_per_image" not in storage.latest()
+
+
+def test_teacher_stays_in_eval_mode_and_only_the_student_has_dropout(data, tmp_path):
+    model = _model(tiny_cfg(str(tmp_path), data, "MMTPSMRCNN"))
+    model.train()
+    assert model.student.training and not model.teacher.training and not model.adaptors_teacher.training
+    assert isinstance(model.student.roi_heads.box_head.student_dropout, torch.nn.Dropout)
+    assert not hasattr(model.teacher.roi_heads.box_head, "student_dropout")
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_plain_detector_weights_load_into_student_and_teacher(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    model = _model(cfg)
+    plain = _model(tiny_cfg(str(tmp_path), data, "GeneralizedRCNN")).state_dict()
+    result = model.load_state_dict(plain, strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith("adaptors_") for k in result.missing_keys)
+    key = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(model.student.state_dict()[key], plain[key])
+    assert torch.equal(model.teacher.state_dict()[key], plain[key])
+
+
+def test_mean_teacher_switches_run(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.merge_from_list(["MODEL.MMT_PSM.NUM_TEACHER_COPIES", 1, "MODEL.MMT_PSM.TEACHER_FLIP", False,
+                         "MODEL.MMT_PSM.MINING", False, "MODEL.MMT_PSM.MGD_USE_MASK", False,
+                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    model = _model(cfg)
+    batch = _batch(cfg)
+    assert len(batch[1]["teacher_views"]) == 1
+    with EventStorage(start_iter=10) as storage:
+        losses = model(batch)
+    # no mining: every sampled proposal is kept, so no "mined" negatives are counted as such
+    assert float(losses["loss_psm"]) > 0 and float(losses["loss_mgd"]) > 0
+    assert storage.latest()["mmt_psm/mined_negatives_per_image"][0] > 0
+
+
+def test_nan_loss_stops_with_iteration_and_loss_terms(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 2])
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.student.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"iteration=0(.|\n)*loss_cls"):
+        trainer.train()
