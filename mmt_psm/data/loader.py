@@ -105,8 +105,16 @@ class TwoStreamLoader:
         self.labeled, self.unlabeled = labeled, unlabeled
 
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
-        if self.unlabeled is None:
-            yield from self.labeled
+        # create the inner iterators now, not at the first next(): a DataLoader iterator draws its base seed
+        # from torch's global RNG, which must happen at the same point whether or not training was resumed
+        labeled = iter(self.labeled)
+        unlabeled = iter(self.unlabeled) if self.unlabeled is not None else None
+        return self._batches(labeled, unlabeled)
+
+    @staticmethod
+    def _batches(labeled: Iterator, unlabeled: Optional[Iterator]) -> Iterator[List[Dict[str, Any]]]:
+        if unlabeled is None:
+            yield from labeled
             return
-        for lab, unl in zip(self.labeled, self.unlabeled):
+        for lab, unl in zip(labeled, unlabeled):
             yield list(lab) + list(unl)
