@@ -1,0 +1,1 @@
+"""Utilities that are not part of training itself (drawing predictions and pseudo-labels)."""
