@@ -29,6 +29,7 @@ from mmt_psm.data.splits import register_split
 from mmt_psm.data.unlabeled import build_unlabeled_mapper
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
 from mmt_psm.engine.hooks import EMATeacherHook, TrainingStateHook, unwrap_model
+from mmt_psm.engine.vis_hook import PseudoLabelVisHook
 from mmt_psm.evaluation.cell_evaluator import CellInstanceEvaluator
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ class Trainer(DefaultTrainer):
         if hasattr(unwrap_model(self._trainer.model), "teacher_student_pairs"):
             s = self.cfg.SEMI
             extra.insert(0, EMATeacherHook(s.EMA_DECAY, s.EMA_START_ITER, s.BURN_IN_ITERS, s.COPY_TEACHER_AT_BURN_IN))
+        if self.cfg.SEMI.VIS_PERIOD > 0:
+            extra.append(
+                PseudoLabelVisHook(self.cfg.SEMI.VIS_PERIOD, self.cfg.OUTPUT_DIR,
+                                   mask_threshold=self.cfg.MODEL.MMT_PSM.MASK_THRESHOLD)
+            )
         # after IterationTimer/LRScheduler, before the checkpointer and evaluation, which must see the new teacher
         return hooks[:2] + extra + hooks[2:]
 

@@ -1,0 +1,78 @@
+"""Checkpoints load in Detectron2's own DefaultPredictor, in a process that never imports mmt_psm."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from common import REPO, tiny_cfg, tiny_synthetic
+from detectron2.engine import DefaultPredictor
+
+from mmt_psm.engine import Trainer
+
+PREDICT = r"""
+import json, sys
+import cv2
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultPredictor
+cfg = get_cfg()
+cfg.merge_from_file(sys.argv[1])
+cfg.MODEL.DEVICE = "cpu"
+out = DefaultPredictor(cfg)(cv2.imread(sys.argv[2]))["instances"]
+assert "mmt_psm" not in sys.modules, "mmt_psm was imported"
+print(json.dumps({"boxes": out.pred_boxes.tensor.tolist(), "scores": out.scores.tolist(),
+                  "classes": out.pred_classes.tolist(), "mask_sum": int(out.pred_masks.sum())}))
+"""
+
+
+def _plain_predict(config: str, image: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", PREDICT, config, image], capture_output=True, text=True, env=env,
+                       cwd="/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _export(run_dir: str, which: str = "teacher") -> str:
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_teacher.py"), run_dir, "--which", which],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return os.path.join(run_dir, f"config_{which}.yaml")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("exp"))
+    tiny_synthetic(root, prefix="exp")
+    return os.path.join(root, "images", "test_0.png")
+
+
+@pytest.mark.parametrize("meta", ["MMTPSMRCNN", "GeneralizedRCNN"])
+def test_export_loads_in_plain_detectron2_and_reproduces_predictions(meta, image, tmp_path):
+    cfg = tiny_cfg(str(tmp_path / "run"), "exp", meta)
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 4, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    trainer = Trainer(cfg)
+    trainer.train()
+    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:  # what train_net's default_setup writes
+        f.write(cfg.dump())
+    plain = _plain_predict(_export(cfg.OUTPUT_DIR), image)
+
+    # the same image through the project's model (the teacher for MMT-PSM) in this process
+    cfg_full = cfg.clone()
+    cfg_full.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    ours = DefaultPredictor(cfg_full)(cv2.imread(image))["instances"]
+    assert len(ours) > 0 and len(plain["scores"]) == len(ours)
+    np.testing.assert_allclose(plain["boxes"], ours.pred_boxes.tensor.numpy(), atol=1e-3)
+    np.testing.assert_allclose(plain["scores"], ours.scores.numpy(), atol=1e-5)
+    assert plain["classes"] == ours.pred_classes.tolist()
+    assert plain["mask_sum"] == int(ours.pred_masks.sum())
+    if meta == "MMTPSMRCNN":  # the export is the teacher, not the student
+        exported = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_teacher.pth"), weights_only=True)["model"]
+        teacher = trainer.model.teacher.state_dict()
+        assert exported.keys() == teacher.keys()
+        assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
+        student = trainer.model.student.state_dict()
+        assert any(not torch.equal(exported[k], student[k]) for k in teacher if k in student)
