@@ -8,8 +8,8 @@ from common import tiny_cfg, tiny_synthetic
 
 
 def _worker(rank: int, world: int, init_file: str, data_root: str, out_dir: str) -> None:
-    import torch.distributed as dist
     import detectron2.engine.defaults as d2_defaults
+    import torch.distributed as dist
     from detectron2.utils import comm
 
     from mmt_psm.data.datasets import register_cell_coco
