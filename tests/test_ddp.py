@@ -15,6 +15,7 @@ def _worker(rank: int, world: int, init_file: str, data_root: str, out_dir: str)
     from mmt_psm.data.datasets import register_cell_coco
     from mmt_psm.engine import Trainer
 
+    torch.set_num_threads(1)  # two processes on a 2-core CI machine: no OpenMP oversubscription
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world)))
     create = d2_defaults.create_ddp_model

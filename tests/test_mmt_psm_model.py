@@ -117,3 +117,15 @@ def test_nan_loss_stops_with_iteration_and_loss_terms(data, tmp_path):
         trainer.model.student.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"iteration=0(.|\n)*loss_cls"):
         trainer.train()
+
+
+def test_step_under_autocast_reduced_precision(data, tmp_path):
+    """AMP stand-in on CPU (bfloat16 autocast): the unsupervised path has no dtype mismatches, losses finite."""
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    model = _model(cfg)
+    with EventStorage(start_iter=10), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_batch(cfg))
+    sum(losses.values()).backward()
+    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert float(losses["loss_mgd"]) > 0
