@@ -258,9 +258,13 @@ class MMTPSMRCNN(nn.Module):
                 [mask_guided_feature_loss(s_adapted, t, fg, use_mask=self.mgd_use_mask) for t in t_adapted]
             ).mean()
         n_img = len(unlabeled)
+        # one device->host copy for all logged statistics
+        positives, mined, fg_fraction = torch.stack(
+            [is_pos.sum().float(), (keep & ~is_pos).sum().float(), fg.mean()]
+        ).tolist()
         storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
-        storage.put_scalar("mmt_psm/positives_per_image", float(is_pos.sum()) / n_img)
-        storage.put_scalar("mmt_psm/mined_negatives_per_image", float((keep & ~is_pos).sum()) / n_img)
-        storage.put_scalar("mmt_psm/fg_fraction", float(fg.mean()))
+        storage.put_scalar("mmt_psm/positives_per_image", positives / n_img)
+        storage.put_scalar("mmt_psm/mined_negatives_per_image", mined / n_img)
+        storage.put_scalar("mmt_psm/fg_fraction", fg_fraction)
         self._last_pseudo = (unlabeled, detections)
         return out
