@@ -17,6 +17,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import mmt_psm  # noqa: F401  (registers everything)
 from mmt_psm.config import add_mmt_psm_config
@@ -39,6 +40,8 @@ def setup(args) -> CfgNode:
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     default_setup(cfg, args)
+    # this project's loggers (e.g. the cell-metrics table), as Detectron2's projects do
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mmt_psm")
     return cfg
 
 
