@@ -76,3 +76,20 @@ def test_export_loads_in_plain_detectron2_and_reproduces_predictions(meta, image
         assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
         student = trainer.model.student.state_dict()
         assert any(not torch.equal(exported[k], student[k]) for k in teacher if k in student)
+
+
+def test_train_net_cli_checkpoint_loads_in_default_predictor(tmp_path):
+    """tools/train_net.py end to end (train + evaluate), then export and plain Detectron2 inference."""
+    tiny_synthetic(str(tmp_path / "synthetic"), prefix="cli", n_train=2, n_test=1, n_unlabeled=1)
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
+           os.path.join(REPO, "configs", "quickstart", "supervised.yaml"), "SOLVER.MAX_ITER", "2",
+           "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+           "OUTPUT_DIR", out]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "copypaste: AJI,F1,Dice,IoU" in r.stderr + r.stdout  # COCO + cell evaluation ran
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    plain = _plain_predict(_export(out, "teacher"), str(tmp_path / "synthetic" / "images" / "test_0.png"))
+    assert len(plain["scores"]) > 0
