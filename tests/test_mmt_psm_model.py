@@ -157,3 +157,29 @@ def test_ablation_configs_load(tmp_path):
         add_mmt_psm_config(cfg)
         cfg.merge_from_file(os.path.join(REPO, "configs", "ablations", f"mmt_psm_R50_{name}.yaml"))
         assert cfg.MODEL.MMT_PSM[key] is value and cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN"
+
+
+def test_checkpointer_loads_plain_weights_into_student_and_teacher(data, tmp_path):
+    """MODEL.WEIGHTS from a plain detector with another class count (COCO-like), and a backbone file loaded
+    with Detectron2's name-matching heuristics (.pyth), both fill student and teacher."""
+    from mmt_psm.engine.checkpoint import AtomicCheckpointer
+
+    plain_cfg = tiny_cfg(str(tmp_path), data, "GeneralizedRCNN")
+    plain_cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5  # another head: its predictor weights must be skipped, not crash
+    plain = _model(plain_cfg).state_dict()
+    torch.save({"model": plain}, str(tmp_path / "coco_like.pth"))
+    model = _model(tiny_cfg(str(tmp_path), data, "MMTPSMRCNN"))
+    own_cls = model.student.roi_heads.box_predictor.cls_score.weight.clone()
+    AtomicCheckpointer(model).load(str(tmp_path / "coco_like.pth"))
+    key = "backbone.fpn_lateral2.weight"
+    assert torch.equal(model.student.state_dict()[key], plain[key])
+    assert torch.equal(model.teacher.state_dict()[key], plain[key])
+    assert torch.equal(model.student.roi_heads.box_predictor.cls_score.weight, own_cls)  # shape mismatch skipped
+
+    backbone = {k[len("backbone.bottom_up."):]: v for k, v in plain.items() if k.startswith("backbone.bottom_up.")}
+    torch.save({"model_state": backbone}, str(tmp_path / "imagenet.pyth"))
+    model = _model(tiny_cfg(str(tmp_path), data, "MMTPSMRCNN"))
+    AtomicCheckpointer(model).load(str(tmp_path / "imagenet.pyth"))
+    key = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(model.student.state_dict()[key], plain[key])
+    assert torch.equal(model.teacher.state_dict()[key], plain[key])

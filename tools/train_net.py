@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -22,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 import mmt_psm  # noqa: F401  (registers everything)
 from mmt_psm.config import add_mmt_psm_config
 from mmt_psm.engine import Trainer
+from mmt_psm.engine.checkpoint import AtomicCheckpointer
 
 
 def setup(args) -> CfgNode:
@@ -49,7 +49,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -1,17 +1,24 @@
-"""A DetectionCheckpointer whose files are written atomically (temp file + rename)."""
+"""A DetectionCheckpointer that writes atomically and loads plain detector weights into teacher-student models."""
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """Same files and behaviour as Detectron2's checkpointer, but an interrupted save never leaves a truncated
-    ``.pth`` (or a ``last_checkpoint`` pointing at one): the data goes to a temp file renamed into place."""
+    """Detectron2's checkpointer with two additions.
+
+    - ``save``: an interrupted save never leaves a truncated ``.pth`` (or a ``last_checkpoint`` pointing at one):
+      the data goes to a temp file renamed into place.
+    - ``load`` of a plain detector checkpoint (``MODEL.WEIGHTS``: a supervised run, a COCO model, an ImageNet
+      backbone) into a teacher-student model fills both ``student.*`` and ``teacher.*``, keeping Detectron2's
+      name-matching heuristics and its skipping of shape-mismatched keys (e.g. another number of classes).
+    """
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -36,3 +43,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 os.unlink(tmp)
             raise
         self.tag_last_checkpoint(basename)
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        model = self.model
+        state = checkpoint["model"]
+        if hasattr(model, "teacher_student_pairs") and not any(k.startswith("student.") for k in state):
+            if checkpoint.get("matching_heuristics", False):
+                self._convert_ndarray_to_tensor(state)
+                state = align_and_update_state_dicts(
+                    model.student.state_dict(), state, c2_conversion=checkpoint.get("__author__") == "Caffe2"
+                )
+                checkpoint["matching_heuristics"] = False
+            checkpoint["model"] = {f"{part}.{k}": v for k, v in state.items() for part in ("student", "teacher")}
+        return super()._load_model(checkpoint)
