@@ -183,3 +183,16 @@ def test_checkpointer_loads_plain_weights_into_student_and_teacher(data, tmp_pat
     key = "backbone.bottom_up.stem.conv1.weight"
     assert torch.equal(model.student.state_dict()[key], plain[key])
     assert torch.equal(model.teacher.state_dict()[key], plain[key])
+
+
+def test_pseudo_labels_are_kept_only_when_recording(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    model = _model(cfg)
+    with EventStorage(start_iter=10):
+        model(_batch(cfg))
+        assert model._last_pseudo is None  # no batch kept alive between steps by default
+        model.record_pseudo_labels = True
+        model(_batch(cfg))
+    unlabeled, detections = model._last_pseudo
+    assert len(unlabeled) == 1 and len(detections) == 1 and len(detections[0]) > 0

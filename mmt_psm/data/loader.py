@@ -8,7 +8,6 @@ was resumed at ``t`` (with any number of workers).
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import random
@@ -16,7 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.data import build_batch_data_loader
+from detectron2.data import DatasetFromList, build_batch_data_loader
 from detectron2.utils import comm
 from torch.utils.data import Dataset, Sampler
 
@@ -55,7 +54,9 @@ class PositionSeededDataset(Dataset):
     (seed, stream position) and the caller's RNG state left untouched."""
 
     def __init__(self, dataset_dicts: Sequence[Dict[str, Any]], mapper: Callable, seed: int, labeled: bool):
-        self._dicts, self._mapper, self._seed, self._labeled = dataset_dicts, mapper, int(seed), labeled
+        # Detectron2's serialised list: workers share one buffer, and each access returns a fresh copy
+        self._dicts = DatasetFromList(list(dataset_dicts), copy=True, serialize=True)
+        self._mapper, self._seed, self._labeled = mapper, int(seed), labeled
 
     def __len__(self) -> int:
         return len(self._dicts)
@@ -69,12 +70,13 @@ class PositionSeededDataset(Dataset):
                 random.seed(sample_seed)
                 np.random.seed(sample_seed)
                 torch.manual_seed(sample_seed)
-                out = self._mapper(copy.deepcopy(self._dicts[index]))
+                record = self._dicts[index]
+                out = self._mapper(record)
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
         if out is None:
-            name = self._dicts[index].get("file_name", index)
+            name = record.get("file_name", index)
             raise RuntimeError(f"the training mapper returned None for {name}")
         out["labeled"] = self._labeled
         return out

@@ -4,7 +4,8 @@ Seeing what the teacher hands to the student is the quickest check that a semi-s
 (e.g. empty or all-background pseudo-labels after burn-in mean the unsupervised losses teach nothing).
 
 Protocol with the model (no model change needed): a semi-supervised meta-architecture stores
-``self._last_pseudo = (unlabeled_dicts, detections)`` in each forward that computes unsupervised losses, where
+``self._last_pseudo = (unlabeled_dicts, detections)`` in a forward that computes unsupervised losses while its
+``record_pseudo_labels`` is True (the hook sets it only for the steps it draws, so no batch is kept otherwise), where
 the dicts carry ``teacher_views`` (uint8 ``CxHxW`` tensors; view 0 is the frame of the detections) and the
 detections are ``Instances`` with ``pred_boxes``, ``pred_classes``, ``scores`` and ``pred_masks``
 (``N x 1 x M x M`` probabilities). Before every step it will draw, the hook sets ``_last_pseudo = None``, so a
@@ -65,12 +66,15 @@ class PseudoLabelVisHook(HookBase):
 
     def before_step(self) -> None:
         if self._due():
-            unwrap_model(self.trainer.model)._last_pseudo = None
+            model = unwrap_model(self.trainer.model)
+            model._last_pseudo = None
+            model.record_pseudo_labels = True
 
     def after_step(self) -> None:
         if not self._due():
             return
         model = unwrap_model(self.trainer.model)
+        model.record_pseudo_labels = False
         pseudo = getattr(model, "_last_pseudo", None)
         if pseudo is None:
             logger.debug(f"iter {self.trainer.iter}: no unsupervised step, no pseudo-labels to draw")

@@ -92,6 +92,9 @@ class MMTPSMRCNN(nn.Module):
         if eval_with not in ("teacher", "student"):
             raise ValueError(f"SEMI.EVAL_WITH must be 'teacher' or 'student', got {eval_with!r}")
         self._eval_with = eval_with
+        # set by PseudoLabelVisHook for the steps it draws: keep (unlabeled dicts, detections) in _last_pseudo
+        self.record_pseudo_labels = False
+        self._last_pseudo = None
         self.teacher.eval()
         self.adaptors_teacher.eval()
         self._register_load_state_dict_pre_hook(self._load_plain_detector)
@@ -266,5 +269,6 @@ class MMTPSMRCNN(nn.Module):
         storage.put_scalar("mmt_psm/positives_per_image", positives / n_img)
         storage.put_scalar("mmt_psm/mined_negatives_per_image", mined / n_img)
         storage.put_scalar("mmt_psm/fg_fraction", fg_fraction)
-        self._last_pseudo = (unlabeled, detections)
+        if self.record_pseudo_labels:
+            self._last_pseudo = (unlabeled, detections)
         return out
