@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Any, Dict, List, Tuple
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -53,3 +53,18 @@ def tiny_cfg(output_dir: str, prefix: str = "tiny", meta: str = "GeneralizedRCNN
             "SEMI.RAMP_DOWN_ITERS", 0, "SEMI.UNSUP_WEIGHT", 1.0,
         ])
     return cfg
+
+
+def unlabeled_view_batch(cfg: CfgNode, dataset: str, n: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """The first ``n`` images of ``dataset`` through MMT-PSM's view mapper (numpy seeded), marked unlabeled."""
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+
+    from mmt_psm.data.view_mapper import MMTPSMViewMapper
+
+    np.random.seed(seed)
+    mapper = MMTPSMViewMapper(cfg)
+    batch = [mapper(d) for d in DatasetCatalog.get(dataset)[:n]]
+    for d in batch:
+        d["labeled"] = False
+    return batch

@@ -117,6 +117,13 @@ class MMTPSMRCNN(nn.Module):
         student_cfg.defrost()
         student_cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.MMT_PSM.STUDENT_ARCHITECTURE
         m, s = cfg.MODEL.MMT_PSM, cfg.SEMI
+        n_views = m.NUM_TEACHER_COPIES * (2 if m.TEACHER_FLIP else 1)
+        if m.MINING and n_views < 2:
+            raise ValueError(
+                f"MODEL.MMT_PSM.MINING needs >= 2 teacher views to measure perturbation sensitivity, got "
+                f"NUM_TEACHER_COPIES={m.NUM_TEACHER_COPIES}, TEACHER_FLIP={m.TEACHER_FLIP}: set MINING False "
+                "(plain Mean Teacher) or add views"
+            )
         return {
             "student": build_model(student_cfg),
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
@@ -211,6 +218,15 @@ class MMTPSMRCNN(nn.Module):
         """loss_psm and loss_mgd (unweighted) on a batch of unlabeled view dicts."""
         storage = get_event_storage()
         n_views = len(unlabeled[0]["teacher_views"])
+        if self.mining and n_views < 2:
+            raise ValueError(
+                f"MINING needs >= 2 teacher views to measure perturbation sensitivity, the batch has {n_views}"
+            )
+        if any(d["student_transform"].hflip for d in unlabeled if "student_transform" in d):
+            raise ValueError(
+                "a flipped student view is not supported: proposals and the foreground map are in the teacher "
+                "view 0 frame; build unlabeled views with student_flip=False"
+            )
         with torch.no_grad():
             # (2) pseudo-labels and foreground map from teacher view 0; (3) training-mode proposals
             t_images = [self._images([d["teacher_views"][v] for d in unlabeled]) for v in range(n_views)]
