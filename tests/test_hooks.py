@@ -45,3 +45,17 @@ def test_ema_hook_schedule():
         assert torch.equal(model.teacher.weight, model.student.weight)
         _step(hook, model, 100, storage)  # late: decay capped at 0.9
         assert storage.latest()["ema_decay"][0] == 0.9
+
+
+def test_rank_local_norm_buffers_are_plain_bn_statistics_and_averaging_is_a_no_op_on_one_process():
+    from detectron2.layers import NaiveSyncBatchNorm
+
+    from mmt_psm.engine.hooks import average_across_ranks_, rank_local_norm_buffers
+
+    bn, sync, naive = nn.BatchNorm2d(3), nn.SyncBatchNorm(4), NaiveSyncBatchNorm(5)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bn, sync, naive, nn.GroupNorm(1, 3))
+    bufs = rank_local_norm_buffers(model)
+    assert len(bufs) == 2 and bufs[0] is bn.running_mean and bufs[1] is bn.running_var  # not the SyncBN ones
+    bn.running_mean.fill_(2.0)
+    average_across_ranks_(bufs)  # no process group: untouched
+    assert torch.equal(bn.running_mean, torch.full((3,), 2.0))
