@@ -72,11 +72,23 @@ def load_split(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file not found: {path} (write one with tools/make_splits.py)")
     with open(path) as f:
-        split = json.load(f)
+        try:
+            split = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"split file {path} is not valid JSON: {e}") from None
+    if not isinstance(split, dict):
+        raise ValueError(f"split file {path} must hold a JSON object with keys {list(SPLIT_KEYS)}")
     missing = [k for k in SPLIT_KEYS if k not in split]
     if missing:
         raise ValueError(f"split file {path} lacks keys {missing}")
     lab, unl = split["labeled_ids"], split["unlabeled_ids"]
+    for key, ids in (("labeled_ids", lab), ("unlabeled_ids", unl)):
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"split file {path}: {key} must be a list of integer image ids, got {ids!r:.80}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"split file {path}: {key} lists an id twice")
+    if not lab:
+        raise ValueError(f"split file {path}: labeled_ids is empty")
     if set(lab) & set(unl):
         raise ValueError(f"split file {path}: ids both labeled and unlabeled: {sorted(set(lab) & set(unl))}")
     split["labeled_ids"], split["unlabeled_ids"] = sorted(int(i) for i in lab), sorted(int(i) for i in unl)
