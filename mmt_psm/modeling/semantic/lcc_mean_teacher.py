@@ -1,0 +1,136 @@
+"""Low-confidence consistency + class separation mean teacher (Gao & Yu, ISBP 2023) on a ``SemanticSegmentor``.
+
+Per step (labeled and unlabeled images in one student forward, as SSL4MIS does):
+- supervised: the head's own losses (CE [+ Dice]) on labeled images;
+- the EMA teacher sees the unlabeled images + clipped Gaussian noise; confidence = its max softmax;
+  pixels with confidence < ``TAU`` are the low-confidence set;
+- ``loss_consistency = w(t) * mean over low-confidence pixels of mean_c (p_student - p_teacher)^2``;
+- class prototypes = EMA (``PROTO_MOMENTUM``) of masked means of the student's decoder features on labeled
+  pixels of each class (summed over DDP ranks first, so every rank keeps the same prototypes);
+- ``loss_separation = w(t) * SEPARATION_WEIGHT * CE(cos(f, P) / T, teacher argmax)`` on the low-confidence pixels.
+``LOW_CONF_ONLY False`` + ``SEPARATION False`` is SSL4MIS's plain Mean Teacher from the same code.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..teacher_student import TeacherStudentMixin
+from .common import build_student, image_mask, images_of, segment, targets_of
+from .losses import (
+    class_feature_means,
+    class_separation_loss,
+    low_confidence_mask,
+    masked_softmax_mse,
+    split_by_flag,
+    update_prototypes,
+)
+
+__all__ = ["LCCMeanTeacherSegmentor"]
+
+
+@META_ARCH_REGISTRY.register()
+class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
+    """Mean teacher for semantic segmentation with low-confidence consistency and class separation."""
+
+    @configurable
+    def __init__(
+        self, *, student: nn.Module, num_classes: int, burn_in: int, ramp_up: int, ramp_down: int, max_iter: int,
+        unsup_weight_base: float, tau: float, low_conf_only: bool, separation: bool, separation_weight: float,
+        temperature: float, proto_momentum: float, noise_std: float, noise_clip: float, eval_with: str = "teacher",
+    ):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.num_classes = num_classes
+        self.burn_in, self.ramp_up, self.ramp_down, self.max_iter = burn_in, ramp_up, ramp_down, max_iter
+        self.unsup_weight_base = unsup_weight_base
+        self.tau, self.low_conf_only = tau, low_conf_only
+        self.separation, self.separation_weight, self.temperature = separation, separation_weight, temperature
+        self.proto_momentum, self.noise = proto_momentum, (noise_std, noise_clip)
+        dim = student.sem_seg_head.feature_channels
+        self.register_buffer("prototypes", torch.zeros(num_classes, dim))
+        self.register_buffer("prototypes_initialized", torch.zeros(num_classes, dtype=torch.bool))
+        self._init_teacher_student(eval_with)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        m, s = cfg.MODEL.LCC, cfg.SEMI
+        return {
+            "student": build_student(cfg, m.STUDENT_ARCHITECTURE),
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "burn_in": s.BURN_IN_ITERS, "ramp_up": s.RAMP_UP_ITERS, "ramp_down": s.RAMP_DOWN_ITERS,
+            "max_iter": cfg.SOLVER.MAX_ITER, "unsup_weight_base": s.UNSUP_WEIGHT,
+            "tau": m.TAU, "low_conf_only": m.LOW_CONF_ONLY, "separation": m.SEPARATION,
+            "separation_weight": m.SEPARATION_WEIGHT, "temperature": m.TEMPERATURE,
+            "proto_momentum": m.PROTO_MOMENTUM, "noise_std": m.TEACHER_NOISE, "noise_clip": m.NOISE_CLIP,
+            "eval_with": s.EVAL_WITH,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.inference_model()(batched_inputs)
+        labeled, unlabeled = split_by_flag(batched_inputs)
+        if not labeled:
+            raise ValueError("LCCMeanTeacherSegmentor needs labeled images in every batch (SEMI.IMS_PER_BATCH_LABELED)")
+        storage = get_event_storage()
+        images = images_of(self.student, labeled + unlabeled)
+        feats, logits = segment(self.student, images)
+        n_lab = len(labeled)
+        targets = targets_of(self.student, labeled, tuple(images.tensor.shape[-2:]))
+        losses = self.student.sem_seg_head.losses(logits[:n_lab], targets)
+        self._update_prototypes(feats[:n_lab], targets)
+        weight = self.loss_weight(storage.iter)
+        storage.put_scalar("lcc/unsup_weight", weight, smoothing_hint=False)
+        zero = logits.sum() * 0.0
+        raw_cons, raw_sep = zero, zero
+        if unlabeled and storage.iter >= self.burn_in:
+            raw_cons, raw_sep = self._unsupervised(unlabeled, feats[n_lab:], logits[n_lab:], images, n_lab)
+        losses["loss_consistency"] = raw_cons * weight
+        losses["loss_separation"] = raw_sep * (weight * self.separation_weight)
+        storage.put_scalar("lcc/loss_consistency_raw", float(raw_cons.detach()))
+        storage.put_scalar("lcc/loss_separation_raw", float(raw_sep.detach()))
+        norms = self.prototypes.norm(dim=1)
+        for c in range(self.num_classes):
+            storage.put_scalar(f"lcc/prototype_norm_{c}", float(norms[c]))
+        return losses
+
+    def _unsupervised(self, unlabeled, feats_u, logits_u, images, n_lab):
+        with torch.no_grad():
+            t_images = images_of(self.teacher, unlabeled, noise=self.noise)
+            _, t_logits = segment(self.teacher, t_images)
+            t_probs = t_logits.softmax(dim=1)
+        inside = image_mask(images)[n_lab:]
+        low, pseudo = low_confidence_mask(t_probs, self.tau)
+        kept = (low if self.low_conf_only else torch.ones_like(low)) & inside
+        frac = kept.sum().float() / inside.sum().clamp(min=1).float()
+        get_event_storage().put_scalar("lcc/low_conf_fraction", float(frac))
+        cons = masked_softmax_mse(logits_u.softmax(dim=1), t_probs, kept)
+        sep = logits_u.sum() * 0.0
+        if self.separation:
+            sep = class_separation_loss(feats_u, pseudo, kept, self.prototypes, self.temperature,
+                                        self.prototypes_initialized)
+        return cons, sep
+
+    @torch.no_grad()
+    def _update_prototypes(self, feats: torch.Tensor, targets: torch.Tensor) -> None:
+        if not self.separation:
+            return
+        sums, counts = class_feature_means(feats, targets, self.num_classes, self.student.sem_seg_head.ignore_value)
+        if comm.get_world_size() > 1:  # one set of prototypes on every rank
+            packed = torch.cat([sums, counts.unsqueeze(1).to(sums.dtype)], dim=1)
+            dist.all_reduce(packed)
+            sums, counts = packed[:, :-1], packed[:, -1]
+        update_prototypes(self.prototypes, self.prototypes_initialized, sums, counts, self.proto_momentum)

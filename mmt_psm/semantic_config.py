@@ -1,0 +1,48 @@
+"""``add_semantic_config(cfg)``: the keys of the semantic siblings (called by ``add_mmt_psm_config``).
+
+Defaults are DESIGN.md's (SSL4MIS/WSL4MIS where the papers are silent); nothing is switched on by them.
+"""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+from .modeling.semantic.unet import add_unet_config
+
+
+def add_semantic_config(cfg: CN) -> None:
+    """Add the semantic keys to ``cfg`` in place (idempotent)."""
+    if hasattr(cfg.MODEL, "LCC"):
+        return
+    add_unet_config(cfg)
+    # Which mapper reads the training/test dicts: "cell" (COCO instances) or "semantic_slice" (image + label map)
+    cfg.INPUT.DATASET_MAPPER_NAME = "cell"
+    # semantic_slice: resize every image to (H, W) for the network ((0, 0) keeps its size); predictions are
+    # resized back to the original size for evaluation (SSL4MIS's zoom to 256 x 256)
+    cfg.INPUT.FIXED_SIZE = (0, 0)
+    # semantic_slice training: SSL4MIS's RandomGenerator (rot90 + flip with p 0.5, else rotation in +-ANGLE)
+    cfg.INPUT.SLICE_AUGMENT = True
+    cfg.INPUT.ROTATION_ANGLE = 20.0
+
+    # ---------------------------------------------------------------- mixed supervision (Dolz / Liu et al.)
+    cfg.MODEL.MIXED_SUP = CN()
+    cfg.MODEL.MIXED_SUP.STUDENT_ARCHITECTURE = "SemanticSegmentor"
+    # KL(top || bottom) and bottom-head entropy on weak images (times SEMI's unsupervised weight w(t))
+    cfg.MODEL.MIXED_SUP.KL_WEIGHT = 1.0
+    cfg.MODEL.MIXED_SUP.ENTROPY_WEIGHT = 1.0
+    # also train the bottom head with CE on the fully labeled images (beyond the paper)
+    cfg.MODEL.MIXED_SUP.BOTTOM_FULL_LABELS = False
+
+    # ---------------------------------------------------------------- LCC mean teacher (Gao & Yu)
+    cfg.MODEL.LCC = CN()
+    cfg.MODEL.LCC.STUDENT_ARCHITECTURE = "SemanticSegmentor"
+    # low-confidence set: teacher max softmax < TAU; False = consistency on every pixel (plain Mean Teacher)
+    cfg.MODEL.LCC.TAU = 0.9
+    cfg.MODEL.LCC.LOW_CONF_ONLY = True
+    # class separation: CE over cosine similarity to class prototypes / TEMPERATURE
+    cfg.MODEL.LCC.SEPARATION = True
+    cfg.MODEL.LCC.SEPARATION_WEIGHT = 1.0
+    cfg.MODEL.LCC.TEMPERATURE = 0.1
+    cfg.MODEL.LCC.PROTO_MOMENTUM = 0.99
+    # teacher input noise (SSL4MIS): clamp(TEACHER_NOISE * N(0, 1), -NOISE_CLIP, NOISE_CLIP) in [0, 1] intensity units
+    cfg.MODEL.LCC.TEACHER_NOISE = 0.1
+    cfg.MODEL.LCC.NOISE_CLIP = 0.2

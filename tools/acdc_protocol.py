@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Run the ACDC label-efficiency protocol (every arm x seed), resumably, and write a mean +- std table.
+
+    python tools/acdc_protocol.py --seeds 1 2 --jobs 2 --out output/acdc_protocol
+    python tools/acdc_protocol.py --arms supervised_p3 lcc --seeds 1 2 3 --report-only
+
+Arms (configs/acdc/*.yaml; seed S uses the patient split p3_seed<S>, SEED S and DATALOADER.STREAM_SEED S, so
+every arm of a seed sees the same 3 labeled patients and the same labeled stream order):
+supervised_p3 (3 labeled patients), supervised_all (15 patients, upper bound), scribble_only (scribbles of all 15),
+mixed (3 full + 12 scribble patients), mean_teacher and lcc (3 labeled + 12 unlabeled). A finished run (its
+metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
+(``--resume``). Writes <out>/results.json and <out>/results.md (per structure Dice and HD95, mean +- std over
+seeds, of the reported model and, for teacher-student arms, of the other one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARMS = {
+    "supervised_p3": ("supervised_p3.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)"}),
+    "supervised_all": ("supervised_all.yaml", {}),
+    "scribble_only": ("scribble_only.yaml", {}),
+    "mixed": ("mixed_supervision.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
+                                         "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_scribble',)"}),
+    "mean_teacher": ("mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
+                                           "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}),
+    "lcc": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
+                                      "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}),
+}
+METRICS = ["Dice-RV", "Dice-Myo", "Dice-LV", "Dice", "HD95-RV", "HD95-Myo", "HD95-LV", "HD95"]
+TASK = "sem_seg_volume"
+
+
+def final_results(run_dir: str) -> Optional[Dict[str, float]]:
+    """The last record of ``metrics.json`` holding the volume metrics (flattened ``task/metric`` keys), or None."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    found = None
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if f"{TASK}/Dice" in rec:
+                found = rec
+    return found
+
+
+def run_one(arm: str, seed: int, args: argparse.Namespace, extra: List[str]) -> Dict[str, float]:
+    """Train + evaluate one arm/seed unless already finished; returns its final metrics."""
+    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
+    done = final_results(run_dir)
+    if done is not None:
+        print(f"[skip] {arm} seed {seed}: finished earlier ({run_dir})", flush=True)
+        return done
+    if args.report_only:
+        raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}")
+    config, overrides = ARMS[arm]
+    opts = ["OUTPUT_DIR", run_dir, "SEED", str(seed), "DATALOADER.STREAM_SEED", str(seed)]
+    for k, v in overrides.items():
+        opts += [k, v.format(s=seed)]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
+           os.path.join(ROOT, "configs", "acdc", config), "--resume", *opts, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"[start] {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if rc != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed (exit {rc}); see {run_dir}/stdout.txt")
+    res = final_results(run_dir)
+    if res is None:
+        raise RuntimeError(f"{arm} seed {seed}: no final evaluation in {run_dir}/metrics.json")
+    print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f} s: Dice {res[f'{TASK}/Dice']:.4f}", flush=True)
+    return res
+
+
+def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
+    """``{arm[/student|/teacher]: {metric: [mean, std, n]}}`` over seeds."""
+    table = {}
+    for arm, by_seed in results.items():
+        for suffix in ("", "_student", "_teacher"):
+            key = f"{TASK}{suffix}/Dice"
+            if not all(key in r for r in by_seed.values()):
+                continue
+            row = {}
+            for m in METRICS:
+                vals = np.array([r[f"{TASK}{suffix}/{m}"] for r in by_seed.values()], dtype=float)
+                row[m] = [float(vals.mean()), float(vals.std()), int(vals.size)]
+            table[arm + (f" ({suffix[1:]})" if suffix else "")] = row
+    return table
+
+
+def markdown(table: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
+    """A markdown table: Dice in [0, 1], HD95 in pixels; mean +- std over seeds (population std)."""
+    head = "| arm | n | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
+    rows = []
+    for arm, row in table.items():
+        n = next(iter(row.values()))[2]
+        digits = {m: 3 if m.startswith("Dice") else 1 for m in METRICS}
+        cells = [f"{row[m][0]:.{digits[m]}f} +- {row[m][1]:.{digits[m]}f}" for m in METRICS]
+        rows.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + f"\n\nseeds: {seeds}; reported model first, the other model in brackets.\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run (or collect) every arm x seed and write the tables."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--single-seed-arms", nargs="*", default=["supervised_all", "scribble_only"],
+                   help="arms run with the first seed only (they do not depend on the patient split)")
+    p.add_argument("--out", default=os.path.join(ROOT, "output", "acdc_protocol"))
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
+    args = p.parse_args(argv)
+    # seed-major order: every arm of the first seed finishes before the second seed starts
+    jobs = [(a, s) for s in args.seeds for a in args.arms if s == args.seeds[0] or a not in args.single_seed_arms]
+    print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
+    results: Dict[str, Dict[int, Dict[str, float]]] = {}
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {(a, s): pool.submit(run_one, a, s, args, args.opts) for a, s in jobs}
+        for (a, s), fut in futures.items():
+            try:
+                results.setdefault(a, {})[s] = fut.result()
+            except (RuntimeError, FileNotFoundError) as e:
+                failures.append(str(e))
+                print(f"[fail] {e}", flush=True)
+    table = summarize(results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"seeds": args.seeds, "table": table, "runs": results, "failures": failures}, f, indent=1)
+    text = markdown(table, args.seeds)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
