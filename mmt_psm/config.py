@@ -87,3 +87,21 @@ def add_mmt_psm_config(cfg: CN) -> None:
     _C.MODEL.MMT_PSM.MGD_ADAPTOR_DIM = 128
     # False = mean-teacher feature consistency over the whole image (no mask guidance).
     _C.MODEL.MMT_PSM.MGD_USE_MASK = True
+
+    # ---------------------------------------------------------------- your own data, evaluation, flips (issue 10)
+    # Data sets registered from the config / command line (mmt_psm.data.user_datasets), before the Trainer:
+    #   "name:path/instances.json:path/image_root"  COCO instance JSON (image_root default: the JSON's folder)
+    #   "name:path/instances.json"                  (also: a JSON with no categories/annotations = unlabeled)
+    #   "name:path/folder" or "name:path/*.png"     a folder or glob of unlabeled images, no JSON
+    _C.DATASETS.REGISTER = ()
+    # Every image of a registered data set is decoded once when the set is first loaded. A corrupt/unreadable
+    # one (or one whose size differs from its JSON record): "error" = fail then, listing every bad file;
+    # "skip" = drop it with a counted warning.
+    _C.DATASETS.BAD_IMAGES = "error"
+    # INPUT.RANDOM_FLIP keeps Detectron2's meaning (one random flip: "horizontal" | "vertical" | "none");
+    # VERTICAL_FLIP adds an independent random vertical flip (p=0.5) of labeled images (cells have no up).
+    _C.INPUT.VERTICAL_FLIP = False
+    # Score threshold of the cell metrics (AJI, F1, Dice, IoU); COCO AP uses every detection.
+    _C.TEST.CELL_SCORE_THRESH = 0.5
+    # Also evaluate the model that is not reported (student or teacher, suffixed); False halves eval time.
+    _C.SEMI.EVAL_BOTH = True

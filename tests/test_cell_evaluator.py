@@ -69,7 +69,7 @@ def test_perfect_predictions_score_100(tmp_path):
         masks = np.concatenate([cyto, nuc])
         preds[image_id] = instances(masks, [0] * len(cyto) + [1] * len(nuc), [0.9] * len(masks))
     res = run(CellInstanceEvaluator(name, distributed=False), preds)["cell"]
-    metrics = ("AJI", "F1", "Dice", "IoU")
+    metrics = ("AJI", "F1", "Dice", "IoU", "AJI_pooled")
     assert set(res) == {f"{m}-{c}" for m in metrics for c in ("cytoplasm", "nucleus")} | set(metrics)
     for key, value in res.items():
         # Dice/IoU of image 2's nucleus: no GT and no prediction -> 1.0 by convention, so still 100.
@@ -88,18 +88,23 @@ def test_imperfect_case_matches_hand_figures(tmp_path):
     res = run(CellInstanceEvaluator(name, output_dir=out_dir, distributed=False), preds)["cell"]
     # Cytoplasm. Image 1: A->P1 (C 4, U 4), B->P2 (C 4, U 6), P3 unused (U 4): C 8, U 14; tp 2, fp 1, fn 0;
     #   Dice 2*6/(6+12) = 2/3, IoU 6/12. Image 2: C missed: C 0, U 4; tp 0, fp 0, fn 1; Dice 0, IoU 0.
-    #   AJI = 8/18; F1 = 2*2/(2*2+1+1) = 2/3; Dice = mean(2/3, 0) = 1/3; IoU = mean(1/2, 0) = 1/4.
-    assert res["AJI-cytoplasm"] == pytest.approx(100 * 8 / 18)
+    #   AJI = mean(8/14, 0/4) = 2/7; pooled AJI = 8/18; F1 = 2*2/(2*2+1+1) = 2/3; Dice = mean(2/3, 0) = 1/3;
+    #   IoU = mean(1/2, 0) = 1/4.
+    assert res["AJI-cytoplasm"] == pytest.approx(100 * 2 / 7)
+    assert res["AJI_pooled-cytoplasm"] == pytest.approx(100 * 8 / 18)
     assert res["F1-cytoplasm"] == pytest.approx(100 * 2 / 3)
     assert res["Dice-cytoplasm"] == pytest.approx(100 / 3)
     assert res["IoU-cytoplasm"] == pytest.approx(25.0)
     # Nucleus. Image 1 perfect: C 4, U 4; tp 1; Dice 1, IoU 1. Image 2: no GT, 1 px predicted: U 1; fp 1;
-    #   Dice 0, IoU 0.  AJI = 4/5; F1 = 2/(2+1) = 2/3; Dice = IoU = mean(1, 0) = 1/2.
-    assert res["AJI-nucleus"] == pytest.approx(80.0)
+    #   Dice 0, IoU 0.  AJI = mean(4/4, 0/1) = 1/2; pooled AJI = 4/5; F1 = 2/(2+1) = 2/3;
+    #   Dice = IoU = mean(1, 0) = 1/2.
+    assert res["AJI-nucleus"] == pytest.approx(50.0)
+    assert res["AJI_pooled-nucleus"] == pytest.approx(80.0)
     assert res["F1-nucleus"] == pytest.approx(100 * 2 / 3)
     assert res["Dice-nucleus"] == pytest.approx(50.0)
     assert res["IoU-nucleus"] == pytest.approx(50.0)
-    assert res["AJI"] == pytest.approx((100 * 8 / 18 + 80.0) / 2)
+    assert res["AJI"] == pytest.approx((100 * 2 / 7 + 50.0) / 2)
+    assert res["AJI_pooled"] == pytest.approx((100 * 8 / 18 + 80.0) / 2)
     assert res["Dice"] == pytest.approx((100 / 3 + 50.0) / 2)
     with open(os.path.join(out_dir, "cell_metrics.json")) as f:
         per_image = json.load(f)

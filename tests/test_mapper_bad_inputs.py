@@ -180,6 +180,7 @@ def test_masks_stay_aligned_with_image_through_all_augmentations(tmp_path):
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (60,), 1000
     cfg.INPUT.CROP.ENABLED, cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE = True, "absolute", [30, 30]
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.INPUT.VERTICAL_FLIP = True  # Detectron2's horizontal flip (RANDOM_FLIP default) + a vertical one
     m = CellDatasetMapper(cfg, True)
     assert [type(a).__name__ for a in m.augmentations.augs] == ["ResizeShortestEdge", "RandomFlip", "RandomFlip"]
     d = _dict(path, [_ann(mask_to_rle(mask))], 40, 48)

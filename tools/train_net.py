@@ -5,7 +5,17 @@
     python tools/train_net.py --config-file configs/supervised_R50.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 
 Flags are Detectron2's (`--num-machines`, `--machine-rank`, `--dist-url`, `--resume`, `--eval-only`,
-trailing `KEY VALUE` overrides). Importing ``mmt_psm`` registers the data sets, models and evaluators.
+trailing `KEY VALUE` overrides). Importing ``mmt_psm`` registers the data sets, models and evaluators. Your own
+data needs no Python: ``DATASETS.REGISTER`` entries ("name:instances.json:image_root", "name:folder-or-glob")
+are registered in ``setup`` (in every process), before the Trainer is built, e.g.
+
+    python tools/train_net.py --config-file configs/mmt_psm_R50.yaml \
+        DATASETS.REGISTER '("cells_train:data/train.json:data/images", "cells_test:data/test.json:data/images",
+                            "cells_unl:data/unlabeled")' DATASETS.TRAIN '("cells_train",)' \
+        DATASETS.TEST '("cells_test",)' DATASETS.TRAIN_UNLABELED '("cells_unl",)' DATASETS.SPLIT_FILE '""' \
+        MODEL.ROI_HEADS.NUM_CLASSES 1
+
+``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``).
 """
 from __future__ import annotations
 
@@ -13,13 +23,14 @@ import logging
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mmt_psm  # noqa: F401  (registers everything)
 from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.data.user_datasets import register_datasets_from_config
 from mmt_psm.engine import Trainer
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
 
@@ -42,6 +53,8 @@ def setup(args) -> CfgNode:
     default_setup(cfg, args)
     # this project's loggers (e.g. the cell-metrics table), as Detectron2's projects do
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mmt_psm")
+    # DATASETS.REGISTER (your own data), and NUM_CLASSES against every data set whose classes are known now
+    register_datasets_from_config(cfg)
     return cfg
 
 
@@ -51,11 +64,15 @@ def main(args):
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:  # as Detectron2's tools/train_net.py: TTA after the last iteration
+        trainer.register_hooks([hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
     return trainer.train()
 
 

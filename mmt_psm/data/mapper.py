@@ -19,10 +19,12 @@ empty ``instances``; a dict without ``annotations`` gives no ``instances`` key.
 
 Training augmentation, all Detectron2 transforms: ``RandomCrop(INPUT.CROP.TYPE, INPUT.CROP.SIZE)`` when
 ``INPUT.CROP.ENABLED`` (re-drawn up to ``crop_tries`` times while it would contain no instance, then a crop
-around a random instance's centre), ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN)``, random horizontal
-and vertical flips (``INPUT.RANDOM_FLIP: none`` disables both), ``RandomBrightness``/``RandomContrast`` with
-factors uniform in [1-x, 1+x] (``INPUT.BRIGHTNESS``/``INPUT.CONTRAST``; 0 = off). Test mode: the whole image
-resized by ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; annotations are dropped.
+around a random instance's centre); then Detectron2's ``detection_utils.build_augmentation``:
+``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN)`` and the flip of ``INPUT.RANDOM_FLIP`` ("horizontal",
+"vertical" or "none", as in Detectron2); an independent random vertical flip when ``INPUT.VERTICAL_FLIP`` (not
+added when RANDOM_FLIP is already "vertical"); ``RandomBrightness``/``RandomContrast`` with factors uniform in
+[1-x, 1+x] (``INPUT.BRIGHTNESS``/``INPUT.CONTRAST``; 0 = off). Test mode: the whole image resized by
+``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; annotations are dropped.
 """
 from __future__ import annotations
 
@@ -114,18 +116,16 @@ class CellDatasetMapper:
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
         """Augmentations and checks from ``cfg`` (see the module docstring)."""
+        # Detectron2's own resize + INPUT.RANDOM_FLIP (train) / test resize, then this project's extras
+        augs: List[T.Augmentation] = list(utils.build_augmentation(cfg, is_train))
         if is_train:
-            sizes = (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
-            augs: List[T.Augmentation] = [T.ResizeShortestEdge(*sizes)]
-            if cfg.INPUT.RANDOM_FLIP != "none":
-                augs += [T.RandomFlip(horizontal=True), T.RandomFlip(horizontal=False, vertical=True)]
+            if cfg.INPUT.get("VERTICAL_FLIP", False) and cfg.INPUT.RANDOM_FLIP != "vertical":
+                augs.append(T.RandomFlip(horizontal=False, vertical=True))
             bright, contrast = cfg.INPUT.get("BRIGHTNESS", 0.0), cfg.INPUT.get("CONTRAST", 0.0)
             if bright > 0:
                 augs.append(T.RandomBrightness(1.0 - bright, 1.0 + bright))
             if contrast > 0:
                 augs.append(T.RandomContrast(1.0 - contrast, 1.0 + contrast))
-        else:
-            augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
         crop = None
         if is_train and cfg.INPUT.CROP.ENABLED:
             crop = T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)

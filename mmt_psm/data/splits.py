@@ -102,10 +102,27 @@ def split_names(split: Dict[str, Any]) -> Tuple[str, str]:
     return f"{stem}_labeled", f"{stem}_unlabeled"
 
 
-def _select(base: str, ids: List[int], split_file: str, strip: bool) -> List[Dict[str, Any]]:
+# Base metadata a derived subset must not inherit: its json_file lists the WHOLE base, so COCOEvaluator would
+# count the images outside the subset as missed (without it, the evaluator converts the subset's own dicts).
+_NOT_INHERITED = ("name", "json_file", "split_file", "base_dataset")
+
+
+def _inherit_metadata(base: str, name: str) -> None:
+    """Copy the base's metadata keys that ``name`` lacks (some loaders set e.g. thing_classes only on load)."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(name)
+    for k, v in MetadataCatalog.get(base).as_dict().items():
+        if k not in _NOT_INHERITED and not hasattr(meta, k):
+            setattr(meta, k, v)
+
+
+def _select(base: str, ids: List[int], split_file: str, strip: bool, name: str = "") -> List[Dict[str, Any]]:
     from detectron2.data import DatasetCatalog
 
     by_id = {d["image_id"]: d for d in DatasetCatalog.get(base)}
+    if name:
+        _inherit_metadata(base, name)
     absent = [i for i in ids if i not in by_id]
     if absent:
         raise ValueError(f"split file {split_file}: image ids {absent} are not in data set {base}")
@@ -128,12 +145,14 @@ def register_split(split_file: str) -> Tuple[str, str]:
     base = split["dataset"]
     if base not in DatasetCatalog.list():
         raise KeyError(f"split file {split_file}: base data set {base!r} is not registered")
-    meta = {k: v for k, v in MetadataCatalog.get(base).as_dict().items() if k != "name"}
     names = split_names(split)
     for name, ids, strip in zip(names, (split["labeled_ids"], split["unlabeled_ids"]), (False, True)):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda ids=ids, strip=strip: _select(base, ids, split_file, strip))
-        MetadataCatalog.get(name).set(**meta, split_file=split_file, base_dataset=base)
+        DatasetCatalog.register(
+            name, lambda ids=ids, strip=strip, name=name: _select(base, ids, split_file, strip, name)
+        )
+        MetadataCatalog.get(name).set(split_file=split_file, base_dataset=base)
+        _inherit_metadata(base, name)  # class names, evaluator type, ... (the rest when the base is loaded)
     return names

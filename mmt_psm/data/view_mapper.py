@@ -1,8 +1,15 @@
 """MMT-PSM's unlabeled-image mapper: one shared crop/resize/flip, then K teacher copies (+ flips) and a student
-copy, each with its own colour jitter and random erasing (DESIGN.md, MMT-PSM step 1)."""
+copy, each with its own colour jitter and random erasing (DESIGN.md, MMT-PSM step 1).
+
+The crop and resize are the labeled stream's (``CellDatasetMapper``): Detectron2's
+``RandomCrop(INPUT.CROP.TYPE, INPUT.CROP.SIZE)`` when ``INPUT.CROP.ENABLED`` (every crop type), then
+``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING)`` applied with Detectron2's own
+resize transform, so both streams see objects at the same scale. The shared base flip is horizontal with
+p = 0.5 when ``INPUT.RANDOM_FLIP`` is "horizontal" (the authors' setting), else off (view geometry is
+horizontal-only)."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 from detectron2.config import CfgNode, configurable
@@ -25,20 +32,20 @@ class MMTPSMViewMapper:
         self,
         *,
         image_format: str,
-        crop_size: tuple,
+        crop: Optional[T.RandomCrop],
         resize: T.ResizeShortestEdge,
         view_kwargs: Dict[str, Any],
     ):
-        self.image_format, self.crop_size, self.resize = image_format, crop_size, resize
+        self.image_format, self.crop, self.resize = image_format, crop, resize
         self.view_kwargs = view_kwargs
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         m = cfg.MODEL.MMT_PSM
-        crop = tuple(cfg.INPUT.CROP.SIZE) if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute" else ()
+        crop = T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE) if cfg.INPUT.CROP.ENABLED else None
         return {
             "image_format": cfg.INPUT.FORMAT,
-            "crop_size": crop,
+            "crop": crop,
             "resize": T.ResizeShortestEdge(
                 cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
             ),
@@ -53,20 +60,18 @@ class MMTPSMViewMapper:
                 "erase_area": tuple(m.ERASE_AREA),
                 "erase_aspect": tuple(m.ERASE_ASPECT),
                 "image_format": cfg.INPUT.FORMAT,
+                "base_flip_prob": 0.5 if cfg.INPUT.RANDOM_FLIP == "horizontal" else 0.0,
             },
         }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         image = read_image_checked(dataset_dict["file_name"], self.image_format)
-        if self.crop_size:
-            ch, cw = min(self.crop_size[0], image.shape[0]), min(self.crop_size[1], image.shape[1])
-            y0 = np.random.randint(image.shape[0] - ch + 1)
-            x0 = np.random.randint(image.shape[1] - cw + 1)
-            image = image[y0 : y0 + ch, x0 : x0 + cw]
-        tfm = self.resize.get_transform(image)
-        h, w = tfm.new_h, tfm.new_w
+        if self.crop is not None:
+            image = self.crop.get_transform(image).apply_image(image)
+        image = self.resize.get_transform(image).apply_image(image)
+        h, w = image.shape[:2]
         rng = np.random.default_rng(np.random.randint(2**31))
-        views = make_unlabeled_views(image, rng, resize_to=(h, w), **self.view_kwargs)
+        views = make_unlabeled_views(image, rng, **self.view_kwargs)
         out = {k: dataset_dict[k] for k in ("file_name", "image_id") if k in dataset_dict}
         out.update(height=h, width=w, **views)
         return out

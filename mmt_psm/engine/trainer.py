@@ -3,8 +3,12 @@
 What it changes, and why:
 - the training loader: one labeled stream (+ one unlabeled stream for semi-supervised models), resumable to
   the exact sample (``mmt_psm.data.loader``);
-- evaluators: COCO AP (bbox, segm) + the cell metrics (AJI, F1, Dice);
-- for models with a teacher: the EMA hook, and evaluation of teacher and student (the other one suffixed);
+- data sets of ``DATASETS.REGISTER`` (your own COCO files / image folders) registered on construction, and
+  ``MODEL.ROI_HEADS.NUM_CLASSES`` checked against every training and test set's classes;
+- evaluators: COCO AP (bbox, segm; up to TEST.DETECTIONS_PER_IMAGE per image) for every instance data set +
+  the cell metrics (AJI, F1, Dice) at TEST.CELL_SCORE_THRESH;
+- for models with a teacher: the EMA hook, and evaluation of the reported model (SEMI.EVAL_WITH) and, when
+  SEMI.EVAL_BOTH, of the other one (suffixed); TEST.AUG runs Detectron2's TTA on the reported model;
 - checkpoints: written atomically and holding the optimizer / grad-scaler state (detectron2 v0.6's
   DefaultTrainer omits it) and the RNG state, so ``--resume`` continues exactly.
 """
@@ -20,17 +24,20 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
+from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from mmt_psm.data.loader import TwoStreamLoader, build_stream_loader
 from mmt_psm.data.mapper import CellDatasetMapper
 from mmt_psm.data.splits import register_split
 from mmt_psm.data.unlabeled import build_unlabeled_mapper
+from mmt_psm.data.user_datasets import check_num_classes, register_datasets_from_config
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
 from mmt_psm.engine.hooks import EMATeacherHook, TrainingStateHook, unwrap_model
 from mmt_psm.engine.vis_hook import PseudoLabelVisHook
 from mmt_psm.evaluation.cell_evaluator import CellInstanceEvaluator
+from mmt_psm.evaluation.coco_ap import build_coco_evaluator, has_instance_annotations
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class Trainer(DefaultTrainer):
         if cfg.DATALOADER.STREAM_SEED < 0:
             cfg.DATALOADER.STREAM_SEED = comm.shared_random_seed() % (2**31)
         cfg.freeze()
+        register_datasets_from_config(cfg)  # no-op without DATASETS.REGISTER (train_net did it already)
         self.data_seed = cfg.DATALOADER.STREAM_SEED
         super().__init__(cfg)
 
@@ -75,6 +83,7 @@ class Trainer(DefaultTrainer):
         dicts = get_detection_dataset_dicts(
             labeled_names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
+        check_num_classes(cfg, labeled_names)  # after loading: some loaders set the classes only then
         labeled = build_stream_loader(
             dicts, CellDatasetMapper(cfg, True), n_lab, seed, True, start_iter, workers
         )
@@ -100,10 +109,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [CellInstanceEvaluator(dataset_name, output_dir=output_folder)]
-        if MetadataCatalog.get(dataset_name).get("evaluator_type", "cell") == "cell":
-            evaluators.insert(0, COCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder))
-        return DatasetEvaluators(evaluators)
+        if not has_instance_annotations(dataset_name):
+            meta = MetadataCatalog.get(dataset_name)
+            raise ValueError(f"no evaluator for data set {dataset_name!r} (evaluator_type "
+                             f"{meta.get('evaluator_type', None)!r}, unlabeled={meta.get('unlabeled', False)})")
+        cell = CellInstanceEvaluator(dataset_name, score_thresh=cfg.TEST.CELL_SCORE_THRESH, output_dir=output_folder)
+        check_num_classes(cfg, [dataset_name])  # the evaluator has loaded the data set: its classes are known
+        return DatasetEvaluators([build_coco_evaluator(cfg, dataset_name, output_folder), cell])
 
     # ------------------------------------------------------------------ hooks and state
     def build_hooks(self) -> List[Any]:
@@ -156,9 +168,34 @@ class Trainer(DefaultTrainer):
         other = "student" if main == "teacher" else "teacher"
         with inner.evaluate_with(main):
             results = super().test(cfg, model, evaluators)
+        if not cfg.SEMI.EVAL_BOTH:
+            return results
         with inner.evaluate_with(other):
             other_results = super().test(cfg, model, evaluators)
         return _merge_suffixed(results, other_results, f"_{other}")
+
+
+    @classmethod
+    def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> Dict:
+        """Detectron2's test-time augmentation (TEST.AUG) of the reported detector, results suffixed ``_TTA``.
+
+        For a teacher-student model this is the ``SEMI.EVAL_WITH`` network (a plain ``GeneralizedRCNN``)."""
+        inner = unwrap_model(model)
+        if hasattr(inner, "evaluate_with"):
+            inner = getattr(inner, cfg.SEMI.EVAL_WITH)
+        if not isinstance(inner, GeneralizedRCNN):
+            raise ValueError(
+                f"TEST.AUG needs a GeneralizedRCNN detector (Detectron2's GeneralizedRCNNWithTTA); "
+                f"{cfg.MODEL.META_ARCHITECTURE} predicts with a {type(inner).__name__}: set TEST.AUG.ENABLED False"
+            )
+        tta = GeneralizedRCNNWithTTA(cfg, inner)
+        tta.train(inner.training)  # inference_context restores this mode: keep the teacher in eval mode
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, tta, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
 
 def _merge_suffixed(results: Dict, other: Dict, suffix: str) -> Dict:

@@ -4,16 +4,19 @@ Complements ``COCOEvaluator`` (AP): use both via ``DatasetEvaluators``. GT comes
 ``DatasetCatalog.get(dataset_name)`` (Detectron2 standard dicts: ``category_id`` already contiguous, masks as
 RLE or polygons); predictions are ``outputs["instances"]`` with ``scores >= score_thresh``.
 
-Aggregation over the data set, per class (cytoplasm, nucleus):
+Aggregation over the data set, per class (e.g. cytoplasm, nucleus):
 
-* AJI: sum of C over all images / sum of U over all images (the MoNuSeg protocol, Kumar et al. 2017), not the
-  mean of per-image AJIs, so large images weigh more and an image without objects adds nothing.
-* F1: from tp, fp, fn summed over images (one-to-one matching at IoU > 0.5 per image).
-* Dice and pixel IoU: mean over images of the per-image score of the union masks; an image with neither GT nor
-  prediction of the class scores 1.0 (see :mod:`mmt_psm.evaluation.cell_metrics`).
+* ``AJI``: the MEAN OF PER-IMAGE AJI, C_k / U_k per image k (the MoNuSeg challenge's ranking, Kumar et al.
+  2020); an image with neither GT nor prediction of the class scores 1.0, one with only predictions 0.0.
+* ``AJI_pooled``: sum of C over all images / sum of U over all images (one AJI of the data set as a single
+  image; large or crowded images weigh more; an image with nothing in it adds nothing).
+* ``F1``: from tp, fp, fn summed over images (one-to-one matching at IoU > 0.5 per image).
+* ``Dice`` and ``IoU`` (pixel): mean over images of the per-image score of the union masks; an image with
+  neither GT nor prediction of the class scores 1.0 (see :mod:`mmt_psm.evaluation.cell_metrics`).
 
-Results are in percent, like ``COCOEvaluator``: ``{"cell": {"AJI-cytoplasm", "F1-cytoplasm", "Dice-cytoplasm",
-"IoU-cytoplasm", ... for every class, "AJI", "F1", "Dice", "IoU" (means over classes)}}``.
+Results are in percent, like ``COCOEvaluator``: ``{"cell": {"AJI-<class>", "F1-<class>", "Dice-<class>",
+"IoU-<class>", "AJI_pooled-<class>" for every class, and "AJI", "F1", "Dice", "IoU", "AJI_pooled" (means over
+classes)}}``. The score threshold is ``TEST.CELL_SCORE_THRESH`` in the Trainer.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from .cell_metrics import aji_counts, dice, f1_from_counts, object_f1, pixel_iou
 
 __all__ = ["CellInstanceEvaluator", "annotation_to_mask"]
 
-METRICS = ("AJI", "F1", "Dice", "IoU")
+METRICS = ("AJI", "F1", "Dice", "IoU", "AJI_pooled")
 
 
 def annotation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
@@ -156,11 +159,13 @@ class CellInstanceEvaluator(DatasetEvaluator):
             c = sum(s["aji_c"] for s in stats)
             u = sum(s["aji_u"] for s in stats)
             f1 = f1_from_counts(*(sum(s[k] for s in stats) for k in ("tp", "fp", "fn")))
+            per_image_aji = [s["aji_c"] / s["aji_u"] if s["aji_u"] > 0 else 1.0 for s in stats]
             scores = {
-                "AJI": c / u if u > 0 else 1.0,  # no objects and no predictions anywhere: nothing missed
+                "AJI": float(np.mean(per_image_aji)),
                 "F1": f1.f1,
                 "Dice": float(np.mean([s["dice"] for s in stats])),
                 "IoU": float(np.mean([s["iou"] for s in stats])),
+                "AJI_pooled": c / u if u > 0 else 1.0,  # no objects and no predictions anywhere: nothing missed
             }
             for m in METRICS:
                 results[f"{m}-{name}"] = 100.0 * scores[m]
@@ -180,6 +185,7 @@ class CellInstanceEvaluator(DatasetEvaluator):
         )
         self._logger.info(
             f"Cell metrics on {self._dataset_name} ({len(per_image)} images, score >= {self._score_thresh}; "
-            f"AJI = sum C / sum U over images, F1 from summed counts, Dice/IoU mean over images):\n{table}"
+            f"AJI = mean of per-image AJI, AJI_pooled = sum C / sum U over images, F1 from summed counts, "
+            f"Dice/IoU mean over images):\n{table}"
         )
         return OrderedDict({"cell": copy.deepcopy(results)})

@@ -10,8 +10,9 @@ Conventions (documented here once, tested in ``tests/test_cell_metrics.py``):
 * Empty cases: a score whose denominator is zero is 1.0 when there is no GT AND no prediction (nothing to
   find, nothing found) and 0.0 otherwise. So AJI/F1/Dice/IoU of (no GT, no pred) = 1.0; (no GT, some pred)
   = 0.0; (some GT, no pred) = 0.0. For AJI/Dice/IoU "no" means no foreground pixels (zero-area masks count as
-  none), for F1 no objects. Data-set-level aggregation (``aji_counts``, summed tp/fp/fn) is unaffected: an
-  image with nothing in it adds zero to every sum.
+  none), for F1 no objects. Pooled aggregation (sum of ``aji_counts`` C / sum of U, summed tp/fp/fn) is
+  unaffected: an image with nothing in it adds zero to every sum; a mean of per-image scores (the MoNuSeg
+  AJI) counts such an image as 1.0.
 * AJI (Kumar et al., IEEE TMI 2017), generalised to overlapping masks and following the HoVer-Net
   ``get_fast_aji`` convention: each GT G_i is paired with the prediction S_j of maximal IoU (ties: lowest j);
   if that IoU is > 0, C += |G_i & S_j| and U += |G_i | S_j|; if no prediction touches G_i, U += |G_i|.
@@ -111,7 +112,10 @@ def iou_matrix(gt: Masks, pred: Masks) -> np.ndarray:
 
 
 def aji_counts(gt: Masks, pred: Masks) -> Tuple[int, int]:
-    """AJI numerator C and denominator U of one image; sum them over images for the data-set AJI (MoNuSeg)."""
+    """AJI numerator C and denominator U of one image.
+
+    The MoNuSeg challenge ranks by the mean over images of C/U (:func:`aggregated_jaccard_index` per image);
+    sum C / sum U over images is the pooled AJI, reported beside it under that name."""
     inter, gt_area, pred_area = pairwise_intersections(gt, pred)
     if gt_area.size == 0:
         return 0, int(pred_area.sum())

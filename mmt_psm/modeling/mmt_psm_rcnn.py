@@ -278,9 +278,13 @@ class MMTPSMRCNN(nn.Module):
             ).mean()
         n_img = len(unlabeled)
         # one device->host copy for all logged statistics
-        positives, mined, fg_fraction = torch.stack(
-            [is_pos.sum().float(), (keep & ~is_pos).sum().float(), fg.mean()]
+        positives, mined, fg_fraction, psm_raw, mgd_raw = torch.stack(
+            [is_pos.sum().float(), (keep & ~is_pos).sum().float(), fg.mean().float(),
+             out["loss_psm"].detach().float(), out["loss_mgd"].detach().float()]
         ).tolist()
+        # unweighted losses, beside the weighted loss_psm / loss_mgd that Detectron2 logs
+        storage.put_scalar("mmt_psm/loss_psm_raw", psm_raw)
+        storage.put_scalar("mmt_psm/loss_mgd_raw", mgd_raw)
         storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
         storage.put_scalar("mmt_psm/positives_per_image", positives / n_img)
         storage.put_scalar("mmt_psm/mined_negatives_per_image", mined / n_img)
