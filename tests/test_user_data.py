@@ -8,7 +8,7 @@ import os
 import cv2
 import numpy as np
 import pytest
-from common import tiny_cfg
+from common import REPO, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from user_data import CATEGORY_ID, CLASS_NAME, write_user_dataset
 
@@ -149,3 +149,15 @@ def test_split_of_user_base_keeps_metadata(user, tmp_path):
         assert meta.base_dataset == "ud_base"
         assert "json_file" not in meta.as_dict()  # the base file lists all images; AP must use the subset
     assert len(DatasetCatalog.get(lab)) == 1 and len(DatasetCatalog.get(unl)) == 2
+
+
+def test_split_file_of_another_data_set_is_an_error(user, tmp_path):
+    """configs/mmt_psm_R50.yaml's ISBI split file must not silently replace the user's DATASETS.TRAIN."""
+    from mmt_psm.engine.trainer import training_dataset_names
+
+    register_user_dataset(f"ud_own:{user['train']}:{user['image_root']}")
+    cfg = tiny_cfg(str(tmp_path))
+    isbi_split = os.path.join(REPO, "datasets", "splits", "isbi2015_train_n2_seed1.json")
+    cfg.merge_from_list(["DATASETS.TRAIN", ("ud_own",), "DATASETS.SPLIT_FILE", isbi_split])
+    with pytest.raises(ValueError, match=r"splits data set 'isbi2015_train', but DATASETS.TRAIN is \('ud_own',\)"):
+        training_dataset_names(cfg)

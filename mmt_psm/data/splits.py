@@ -133,6 +133,17 @@ def _select(base: str, ids: List[int], split_file: str, strip: bool, name: str =
     return out
 
 
+def check_split_base(split_file: str, train_names: Sequence[str]) -> None:
+    """ValueError unless the split file's base data set is the one in ``DATASETS.TRAIN`` (the split replaces
+    DATASETS.TRAIN, so another name there would be silently ignored)."""
+    base = load_split(split_file)["dataset"]
+    if list(train_names) != [base]:
+        raise ValueError(
+            f"DATASETS.SPLIT_FILE {split_file} splits data set {base!r}, but DATASETS.TRAIN is "
+            f"{tuple(train_names)}: set DATASETS.TRAIN ('{base}',) or DATASETS.SPLIT_FILE '\"\"'"
+        )
+
+
 def register_split(split_file: str) -> Tuple[str, str]:
     """Register the labeled and unlabeled (annotations stripped) subsets of a split file's base data set.
 

@@ -30,7 +30,7 @@ from detectron2.utils import comm
 
 from mmt_psm.data.loader import TwoStreamLoader, build_stream_loader
 from mmt_psm.data.mapper import CellDatasetMapper
-from mmt_psm.data.splits import register_split
+from mmt_psm.data.splits import check_split_base, register_split
 from mmt_psm.data.unlabeled import build_unlabeled_mapper
 from mmt_psm.data.user_datasets import check_num_classes, register_datasets_from_config
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
@@ -46,6 +46,7 @@ def training_dataset_names(cfg: CfgNode) -> tuple:
     """(labeled names, unlabeled names), with ``DATASETS.SPLIT_FILE`` applied."""
     labeled, unlabeled = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TRAIN_UNLABELED)
     if cfg.DATASETS.SPLIT_FILE:
+        check_split_base(cfg.DATASETS.SPLIT_FILE, labeled)
         lab_name, unl_name = register_split(cfg.DATASETS.SPLIT_FILE)
         labeled, unlabeled = [lab_name], unlabeled + [unl_name]
     return labeled, unlabeled
