@@ -28,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 import mmt_psm  # noqa: F401  (registers data sets and models)
 from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.data.user_datasets import register_datasets_from_config
 from mmt_psm.engine import Trainer
 from mmt_psm.utils.visualize import draw_dataset_predictions, draw_image_predictions, list_images
 
@@ -62,6 +63,7 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         raise SystemExit(f"checkpoint not found: {weights} (pass --weights or MODEL.WEIGHTS)")
     cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
+    register_datasets_from_config(cfg)  # DATASETS.REGISTER: --dataset may name your own data set
     return cfg
 
 
