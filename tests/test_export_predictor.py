@@ -1,6 +1,7 @@
 """Checkpoints load in Detectron2's own DefaultPredictor, in a process that never imports mmt_psm."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,32 +51,45 @@ def image(tmp_path_factory):
     return os.path.join(root, "images", "test_0.png")
 
 
-@pytest.mark.parametrize("meta", ["MMTPSMRCNN", "GeneralizedRCNN"])
-def test_export_loads_in_plain_detectron2_and_reproduces_predictions(meta, image, tmp_path):
-    cfg = tiny_cfg(str(tmp_path / "run"), "exp", meta)
-    cfg.merge_from_list(["SOLVER.MAX_ITER", 4, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
-    trainer = Trainer(cfg)
-    trainer.train()
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:  # what train_net's default_setup writes
-        f.write(cfg.dump())
-    plain = _plain_predict(_export(cfg.OUTPUT_DIR), image)
-
+def _check_export_reproduces_predictions(cfg, run_dir: str, image: str) -> None:
+    """Export ``run_dir``'s reported model; plain Detectron2 (other process) and our model agree on ``image``."""
+    plain = _plain_predict(_export(run_dir), image)
     # the same image through the project's model (the teacher for MMT-PSM) in this process
     cfg_full = cfg.clone()
-    cfg_full.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    cfg_full.defrost()
+    cfg_full.MODEL.WEIGHTS = os.path.join(run_dir, "model_final.pth")
     ours = DefaultPredictor(cfg_full)(cv2.imread(image))["instances"]
     assert len(ours) > 0 and len(plain["scores"]) == len(ours)
     np.testing.assert_allclose(plain["boxes"], ours.pred_boxes.tensor.numpy(), atol=1e-3)
     np.testing.assert_allclose(plain["scores"], ours.scores.numpy(), atol=1e-5)
     assert plain["classes"] == ours.pred_classes.tolist()
     assert plain["mask_sum"] == int(ours.pred_masks.sum())
-    if meta == "MMTPSMRCNN":  # the export is the teacher, not the student
-        exported = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_teacher.pth"), weights_only=True)["model"]
-        teacher = trainer.model.teacher.state_dict()
-        assert exported.keys() == teacher.keys()
-        assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
-        student = trainer.model.student.state_dict()
-        assert any(not torch.equal(exported[k], student[k]) for k in teacher if k in student)
+
+
+def test_export_of_mmt_psm_is_the_teacher_and_reproduces_its_predictions(trained_mmt_psm, tmp_path):
+    run_dir = str(tmp_path / "run")  # a copy: the shared run's directory stays as it was
+    os.makedirs(run_dir)
+    for name in ("model_final.pth", "config.yaml"):
+        shutil.copy(os.path.join(trained_mmt_psm.output_dir, name), run_dir)
+    with open(os.path.join(run_dir, "last_checkpoint"), "w") as f:
+        f.write("model_final.pth")
+    image = os.path.join(trained_mmt_psm.data_root, "images", "test_0.png")
+    _check_export_reproduces_predictions(trained_mmt_psm.cfg, run_dir, image)
+    exported = torch.load(os.path.join(run_dir, "model_teacher.pth"), weights_only=True)["model"]
+    teacher = trained_mmt_psm.trainer.model.teacher.state_dict()
+    assert exported.keys() == teacher.keys()
+    assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    student = trained_mmt_psm.trainer.model.student.state_dict()
+    assert any(not torch.equal(exported[k], student[k]) for k in teacher if k in student)
+
+
+def test_export_of_a_supervised_run_reproduces_its_predictions(image, tmp_path):
+    cfg = tiny_cfg(str(tmp_path / "run"), "exp", "GeneralizedRCNN")
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 4, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    Trainer(cfg).train()
+    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:  # what train_net's default_setup writes
+        f.write(cfg.dump())
+    _check_export_reproduces_predictions(cfg, cfg.OUTPUT_DIR, image)
 
 
 def test_train_net_cli_checkpoint_loads_in_default_predictor(tmp_path):

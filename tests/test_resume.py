@@ -3,7 +3,6 @@ import os
 import shutil
 
 import torch
-from common import tiny_cfg, tiny_synthetic
 
 from mmt_psm.engine import Trainer
 
@@ -15,18 +14,16 @@ def _train(cfg, resume=False):
     return trainer
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    tiny_synthetic(str(tmp_path / "data"), prefix="res")
-    full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
-    cfg = tiny_cfg(full_dir, "res", "MMTPSMRCNN")  # burn-in 2, EMA from 1, checkpoint every 3 of 6 iterations
-    full = _train(cfg)
-
+def test_resume_equals_uninterrupted_run(trained_mmt_psm, tmp_path):
+    full = trained_mmt_psm.trainer  # burn-in 2, EMA from 1, checkpoint every 3 of 6 iterations
     # the interrupted run: its directory holds only what existed after iteration 3 (model_0000002.pth)
+    part_dir = str(tmp_path / "part")
     os.makedirs(part_dir)
-    shutil.copy(os.path.join(full_dir, "model_0000002.pth"), part_dir)
+    shutil.copy(os.path.join(trained_mmt_psm.output_dir, "model_0000002.pth"), part_dir)
     with open(os.path.join(part_dir, "last_checkpoint"), "w") as f:
         f.write("model_0000002.pth")
-    cfg_part = cfg.clone()
+    cfg_part = trained_mmt_psm.cfg.clone()
+    cfg_part.defrost()
     cfg_part.OUTPUT_DIR = part_dir
     cfg_part.DATALOADER.STREAM_SEED = -1  # the data seed must come back from the checkpoint
     resumed = _train(cfg_part, resume=True)
@@ -42,15 +39,13 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(sa["state"][pid]["momentum_buffer"], sb["state"][pid]["momentum_buffer"])
 
 
-def test_checkpoint_written_atomically(tmp_path):
-    tiny_synthetic(str(tmp_path / "data"), prefix="atom")
-    cfg = tiny_cfg(str(tmp_path / "out"), "atom")
-    cfg.SOLVER.MAX_ITER = 3
-    trainer = _train(cfg)
-    files = sorted(os.listdir(cfg.OUTPUT_DIR))
-    assert "model_final.pth" in files and "model_0000002.pth" in files
+def test_checkpoint_written_atomically(trained_mmt_psm):
+    files = sorted(os.listdir(trained_mmt_psm.output_dir))
+    assert {"model_final.pth", "model_0000002.pth", "last_checkpoint"} <= set(files)
     assert not [f for f in files if f.endswith(".tmp")]
-    state = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=True)
-    assert state["trainer"]["iteration"] == 2 and "optimizer" in state["trainer"]["_trainer"]
+    with open(os.path.join(trained_mmt_psm.output_dir, "last_checkpoint")) as f:
+        assert f.read() == "model_final.pth"
+    state = torch.load(os.path.join(trained_mmt_psm.output_dir, "model_final.pth"), weights_only=True)
+    assert state["trainer"]["iteration"] == 5 and "optimizer" in state["trainer"]["_trainer"]
     hooks = state["trainer"]["hooks"]
-    assert hooks["TrainingStateHook"]["data_seed"] == trainer.data_seed == 7
+    assert hooks["TrainingStateHook"]["data_seed"] == trained_mmt_psm.trainer.data_seed == 7
