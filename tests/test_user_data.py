@@ -149,6 +149,12 @@ def test_split_of_user_base_keeps_metadata(user, tmp_path):
         assert meta.base_dataset == "ud_base"
         assert "json_file" not in meta.as_dict()  # the base file lists all images; AP must use the subset
     assert len(DatasetCatalog.get(lab)) == 1 and len(DatasetCatalog.get(unl)) == 2
+    # COCO AP of the subset is computed on the subset's images only (not the base JSON's three)
+    cfg = tiny_cfg(str(tmp_path / "out"))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    coco = Trainer.build_evaluator(cfg, lab)._evaluators[0]
+    assert sorted(coco._coco_api.getImgIds()) == splits.load_split(path)["labeled_ids"]
+    assert coco._coco_api.loadCats(coco._coco_api.getCatIds()) == [{"id": CATEGORY_ID, "name": CLASS_NAME}]
 
 
 def test_split_file_of_another_data_set_is_an_error(user, tmp_path):
