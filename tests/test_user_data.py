@@ -167,3 +167,33 @@ def test_split_file_of_another_data_set_is_an_error(user, tmp_path):
     cfg.merge_from_list(["DATASETS.TRAIN", ("ud_own",), "DATASETS.SPLIT_FILE", isbi_split])
     with pytest.raises(ValueError, match=r"splits data set 'isbi2015_train', but DATASETS.TRAIN is \('ud_own',\)"):
         training_dataset_names(cfg)
+
+
+def test_two_classes_rle_masks_16bit_gray_images(tmp_path):
+    from mmt_psm.data.coco_io import mask_to_rle
+
+    img = (np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 20)  # 16-bit gray, values up to 47980
+    cv2.imwrite(str(tmp_path / "g.png"), img)
+    m1, m2 = np.zeros((40, 60), bool), np.zeros((40, 60), bool)
+    m1[5:15, 5:20], m2[20:35, 30:50] = True, True
+    anns = [{"id": 1, "image_id": 3, "category_id": 42, "segmentation": mask_to_rle(m1), "bbox": [5, 5, 15, 10],
+             "area": 150, "iscrowd": 0},
+            {"id": 2, "image_id": 3, "category_id": 5, "segmentation": mask_to_rle(m2), "bbox": [30, 20, 20, 15],
+             "area": 300, "iscrowd": 0}]
+    data = {"images": [{"id": 3, "file_name": "g.png", "height": 40, "width": 60}], "annotations": anns,
+            "categories": [{"id": 42, "name": "nucleus"}, {"id": 5, "name": "cytoplasm"}]}
+    (tmp_path / "g.json").write_text(json.dumps(data))
+    name = register_user_dataset(f"ud_gray16:{tmp_path / 'g.json'}")  # images next to the JSON
+    meta = MetadataCatalog.get(name)
+    assert meta.thing_classes == ["cytoplasm", "nucleus"]  # in category-id order: 5, 42
+    assert meta.thing_dataset_id_to_contiguous_id == {5: 0, 42: 1}
+    cfg = tiny_cfg("/tmp/unused")
+    cfg.merge_from_list(["DATASETS.TRAIN", (name,), "INPUT.MIN_SIZE_TRAIN", (40,), "INPUT.CROP.ENABLED", False,
+                         "INPUT.RANDOM_FLIP", "none", "INPUT.VERTICAL_FLIP", False, "INPUT.BRIGHTNESS", 0.0,
+                         "INPUT.CONTRAST", 0.0])
+    out = CellDatasetMapper(cfg, True)(DatasetCatalog.get(name)[0])
+    image = out["image"].numpy()
+    assert image.shape == (3, 40, 60) and image.dtype == np.uint8 and image.max() == 255
+    assert (image[0] == image[1]).all() and (image[1] == image[2]).all()  # gray replicated
+    assert out["instances"].gt_classes.tolist() == [1, 0]
+    assert out["instances"].gt_masks.tensor.sum(dim=(1, 2)).tolist() == [150, 300]
