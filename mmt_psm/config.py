@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+from .semantic_config import add_semantic_config
+
 
 def add_mmt_psm_config(cfg: CN) -> None:
     """Add this project's keys to ``cfg`` in place (idempotent)."""
+    add_semantic_config(cfg)  # the semantic siblings' keys (U-Net, mixed supervision, LCC)
     _C = cfg
     if hasattr(_C, "SEMI"):
         return

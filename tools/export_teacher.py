@@ -7,7 +7,14 @@
 Writes ``<out>/model_teacher.pth`` (a GeneralizedRCNN / SemanticSegmentor state dict in Detectron2's
 checkpoint format) and ``<out>/config_teacher.yaml`` (only Detectron2's own keys, META_ARCHITECTURE set to the
 student architecture, MODEL.WEIGHTS pointing at the exported file). Both load in Detectron2's demo and
-``DefaultPredictor`` without this package installed. ``--which student`` exports the student instead.
+``DefaultPredictor`` without this package installed. ``--which student`` exports the student instead (default:
+the run's reported model, ``SEMI.EVAL_WITH``; for mixed supervision the bottom head, as a plain
+``SemanticSegmentor``). U-Net models also need the U-Net's registrations and keys in the loading process, and
+nothing else of this package (as Detectron2's projects)::
+
+    spec = importlib.util.spec_from_file_location("unet", "mmt_psm/modeling/semantic/unet.py")
+    unet = importlib.util.module_from_spec(spec); spec.loader.exec_module(unet)
+    cfg = get_cfg(); unet.add_unet_config(cfg); cfg.merge_from_file("config_student.yaml")
 """
 from __future__ import annotations
 
@@ -21,10 +28,16 @@ from detectron2.config import CfgNode, get_cfg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmt_psm.config import add_mmt_psm_config  # noqa: E402
+from mmt_psm.modeling.semantic.unet import add_unet_config  # noqa: E402
+
+# teacher-student meta-architecture -> the config node naming the plain architecture of its teacher/student
+STUDENT_ARCHITECTURE_NODE = {"MMTPSMRCNN": "MMT_PSM", "LCCMeanTeacherSegmentor": "LCC",
+                             "MixedSupervisionSegmentor": "MIXED_SUP"}
 
 
 def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
-    """Detectron2's default config updated with every key of ``cfg`` that Detectron2 itself knows."""
+    """Detectron2's default config updated with every key of ``cfg`` that Detectron2 itself knows (plus
+    ``MODEL.UNET`` for the U-Net, whose loader calls ``add_unet_config`` as Detectron2's projects do)."""
     plain = get_cfg()
 
     def copy_known(dst: CfgNode, src: CfgNode) -> None:
@@ -36,9 +49,15 @@ def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
             else:
                 dst[key] = value
 
+    if cfg.MODEL.BACKBONE.NAME == "build_unet_backbone":  # the U-Net's own keys travel with the config
+        add_unet_config(plain)
     copy_known(plain, cfg)
-    if cfg.MODEL.get("MMT_PSM") is not None and cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN":
-        plain.MODEL.META_ARCHITECTURE = cfg.MODEL.MMT_PSM.STUDENT_ARCHITECTURE
+    node = STUDENT_ARCHITECTURE_NODE.get(cfg.MODEL.META_ARCHITECTURE)
+    if node is not None:
+        plain.MODEL.META_ARCHITECTURE = cfg.MODEL[node].STUDENT_ARCHITECTURE
+    fixed = tuple(cfg.INPUT.get("FIXED_SIZE", (0, 0)))
+    if min(fixed) > 0:  # DefaultPredictor resizes by shortest edge: give it images already at FIXED_SIZE
+        plain.INPUT.MIN_SIZE_TEST, plain.INPUT.MAX_SIZE_TEST = min(fixed), max(fixed)
     plain.MODEL.WEIGHTS = weights
     return plain
 
@@ -55,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("source", help="training OUTPUT_DIR or a checkpoint .pth")
     ap.add_argument("--config", default="", help="config of the run (default: config.yaml beside the checkpoint)")
     ap.add_argument("--output", default="", help="output folder (default: the checkpoint's folder)")
-    ap.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    ap.add_argument("--which", choices=["teacher", "student"], default=None,
+                    help="model to export (default: the reported one, SEMI.EVAL_WITH of the run's config)")
     args = ap.parse_args(argv)
 
     if os.path.isdir(args.source):
@@ -74,6 +94,7 @@ def main(argv=None) -> int:
     add_mmt_psm_config(cfg)
     cfg.set_new_allowed(True)
     cfg.merge_from_file(config)
+    args.which = args.which or cfg.SEMI.EVAL_WITH
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model = extract_model(state["model"] if "model" in state else state, args.which)
 

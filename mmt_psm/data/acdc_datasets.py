@@ -100,8 +100,8 @@ def default_root() -> str:
     return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "cardiac", "acdc")
 
 
-def register_all_acdc(root: Optional[str] = None) -> List[str]:
-    """Register the built-in ACDC data sets under ``root``; needs no files."""
+def register_all_acdc(root: Optional[str] = None, prefix: str = "acdc") -> List[str]:
+    """Register the built-in ACDC data sets (``<prefix>_test``, ...) under ``root``; needs no files."""
     root = root or default_root()
     ref = os.path.join(root, "splits", "p3_seed1.json")
     names = []
@@ -112,10 +112,11 @@ def register_all_acdc(root: Optional[str] = None) -> List[str]:
             raise _missing(ref, os.path.dirname(root))
         return split["labeled_patients"] + split["weak_patients"]
 
-    _register("acdc_test", lambda: load_acdc_slices(root, _split_patients(root, ref, "test_patients"), "label"))
-    _register("acdc_train", lambda: load_acdc_slices(root, train_patients(), "label"))
-    _register("acdc_train_scribble", lambda: load_acdc_slices(root, train_patients(), "scribble"))
-    names += ["acdc_test", "acdc_train", "acdc_train_scribble"]
+    _register(f"{prefix}_test", lambda: load_acdc_slices(root, _split_patients(root, ref, "test_patients"), "label"))
+    _register(f"{prefix}_train", lambda: load_acdc_slices(root, train_patients(), "label"))
+    _register(f"{prefix}_train_scribble", lambda: load_acdc_slices(root, train_patients(), "scribble"))
+    names += [f"{prefix}_test", f"{prefix}_train", f"{prefix}_train_scribble"]
     for seed in (1, 2, 3):
-        names += register_acdc_split(os.path.join(root, "splits", f"p3_seed{seed}.json"), root)
+        split = os.path.join(root, "splits", f"p3_seed{seed}.json")
+        names += register_acdc_split(split, root, prefix=f"{prefix}_p3_seed{seed}")
     return names

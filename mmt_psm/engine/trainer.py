@@ -29,7 +29,7 @@ from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from mmt_psm.data.loader import TwoStreamLoader, build_stream_loader
-from mmt_psm.data.mapper import CellDatasetMapper
+from mmt_psm.data.semantic_mapper import build_dataset_mapper
 from mmt_psm.data.splits import check_split_base, register_split
 from mmt_psm.data.unlabeled import build_unlabeled_mapper
 from mmt_psm.data.user_datasets import check_num_classes, register_datasets_from_config
@@ -38,6 +38,7 @@ from mmt_psm.engine.hooks import EMATeacherHook, TrainingStateHook, unwrap_model
 from mmt_psm.engine.vis_hook import PseudoLabelVisHook
 from mmt_psm.evaluation.cell_evaluator import CellInstanceEvaluator
 from mmt_psm.evaluation.coco_ap import build_coco_evaluator, has_instance_annotations
+from mmt_psm.evaluation.volume_evaluator import build_volume_evaluators
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Trainer(DefaultTrainer):
         )
         check_num_classes(cfg, labeled_names)  # after loading: some loaders set the classes only then
         labeled = build_stream_loader(
-            dicts, CellDatasetMapper(cfg, True), n_lab, seed, True, start_iter, workers
+            dicts, build_dataset_mapper(cfg, True), n_lab, seed, True, start_iter, workers
         )
         if n_unl <= 0 or not unlabeled_names:
             if n_unl > 0:
@@ -105,11 +106,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CellDatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_dataset_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        if MetadataCatalog.get(dataset_name).get("evaluator_type", None) == "sem_seg_volume":
+            return build_volume_evaluators(dataset_name, output_folder)
         if not has_instance_annotations(dataset_name):
             meta = MetadataCatalog.get(dataset_name)
             raise ValueError(f"no evaluator for data set {dataset_name!r} (evaluator_type "

@@ -1,4 +1,6 @@
-"""Models: the MMT-PSM meta-architecture and its parts (EMA, ramps, views, mining, distillation losses)."""
+"""Models: the teacher-student core (EMA, ramps, mixin), MMT-PSM and its parts (views, mining, distillation
+losses), and the semantic siblings (U-Net, mixed supervision, LCC mean teacher)."""
 from .mmt_psm_rcnn import MMTPSMRCNN
+from .semantic import LCCMeanTeacherSegmentor, MixedSupervisionSegmentor
 
-__all__ = ["MMTPSMRCNN"]
+__all__ = ["MMTPSMRCNN", "LCCMeanTeacherSegmentor", "MixedSupervisionSegmentor"]

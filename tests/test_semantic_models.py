@@ -1,0 +1,149 @@
+"""The semantic meta-architectures on tiny ACDC-like data: finite losses, the shared core reused, export."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from common import REPO
+from detectron2.data import DatasetCatalog
+from semantic_common import tiny_acdc, tiny_semantic_cfg
+
+from mmt_psm.engine import Trainer
+from mmt_psm.engine.hooks import EMATeacherHook
+from mmt_psm.modeling.ramps import unsup_weight
+from mmt_psm.modeling.semantic import LCCMeanTeacherSegmentor, MixedSupervisionSegmentor
+from mmt_psm.modeling.teacher_student import TeacherStudentMixin
+
+UNET_FILE = os.path.join(REPO, "mmt_psm", "modeling", "semantic", "unet.py")
+
+
+@pytest.fixture(scope="module")
+def acdc_root(tmp_path_factory):
+    return tiny_acdc(str(tmp_path_factory.mktemp("acdc")), prefix="tinyacdc")
+
+
+def _train(cfg):
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return trainer
+
+
+def _history(trainer, key):
+    return [v for v, _ in trainer.storage.history(key).values()]
+
+
+@pytest.mark.parametrize("meta", ["SemanticSegmentor", "MixedSupervisionSegmentor", "LCCMeanTeacherSegmentor"])
+def test_tiny_run_losses_finite(acdc_root, tmp_path, meta):
+    cfg = tiny_semantic_cfg(str(tmp_path), meta)
+    trainer = _train(cfg)
+    losses = [k for k in trainer.storage.histories() if k.startswith("loss")]
+    assert losses and all(math.isfinite(v) for k in losses for v in _history(trainer, k))
+    if meta == "MixedSupervisionSegmentor":
+        assert {"loss_partial_ce", "loss_kl", "loss_entropy", "loss_sem_seg_top"} <= set(losses)
+        assert all(v > 0 for v in _history(trainer, "mixed/loss_entropy_raw"))
+    if meta == "LCCMeanTeacherSegmentor":
+        assert {"loss_consistency", "loss_separation"} <= set(losses)
+        fractions = _history(trainer, "lcc/low_conf_fraction")
+        assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
+        assert any(v > 0 for v in _history(trainer, "lcc/prototype_norm_3"))
+
+
+def test_evaluation_reports_both_models_volume_metrics(acdc_root, tmp_path):
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    cfg.merge_from_list(["DATASETS.TEST", ("tinyacdc_test",)])
+    trainer = _train(cfg)
+    res = Trainer.test(cfg, trainer.model)
+    for task in ("sem_seg_volume", "sem_seg_volume_student"):
+        assert res[task]["num_volumes"] == 4  # 2 test patients x 2 frames
+        assert 0.0 <= res[task]["Dice"] <= 1.0 and res[task]["HD95"] >= 0.0
+    assert "mIoU" in res["sem_seg"]
+
+
+def test_mixed_supervision_structure(acdc_root, tmp_path):
+    model = Trainer.build_model(tiny_semantic_cfg(str(tmp_path), "MixedSupervisionSegmentor"))
+    assert isinstance(model, MixedSupervisionSegmentor)
+    assert model.student.backbone is model.teacher.backbone  # one shared encoder
+    assert model.student.sem_seg_head is not model.teacher.sem_seg_head
+    assert model.teacher_student_pairs() == []  # no EMA: the top head learns by gradient
+    assert all(p.requires_grad for p in model.teacher.parameters())
+    model.eval()
+    d = DatasetCatalog.get("tinyacdc_test")[0]
+    from mmt_psm.data.semantic_mapper import SemanticSliceMapper
+
+    inp = SemanticSliceMapper(tiny_semantic_cfg(str(tmp_path)), is_train=False)(d)
+    with torch.no_grad():
+        with model.evaluate_with("student"):
+            bottom = model([inp])[0]["sem_seg"]
+        with model.evaluate_with("teacher"):
+            top = model([inp])[0]["sem_seg"]
+    assert bottom.shape == (4, d["height"], d["width"]) and not torch.equal(bottom, top)
+
+
+def test_lcc_reuses_ema_hook_and_ramps(acdc_root, tmp_path):
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    trainer = Trainer(cfg)
+    assert any(isinstance(h, EMATeacherHook) for h in trainer._hooks)
+    model = trainer.model
+    assert type(model).loss_weight is TeacherStudentMixin.loss_weight
+    for t in range(0, 5):
+        assert model.loss_weight(t) == unsup_weight(t, 0, 2, 0, 3, 1.0)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    trainer.train()
+    assert _history(trainer, "ema_decay")  # the shared hook ran
+
+
+def test_lcc_switches_give_plain_mean_teacher(acdc_root, tmp_path):
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    cfg.merge_from_list(["MODEL.LCC.LOW_CONF_ONLY", False, "MODEL.LCC.SEPARATION", False])
+    trainer = _train(cfg)
+    assert all(v == 0.0 for v in _history(trainer, "loss_separation"))
+    assert all(v == 1.0 for v in _history(trainer, "lcc/low_conf_fraction"))
+    assert isinstance(trainer.model, LCCMeanTeacherSegmentor)
+    assert not trainer.model.prototypes_initialized.any()
+
+
+def test_export_loads_in_plain_default_predictor(acdc_root, tmp_path):
+    """The mixed-supervision bottom head exports as a plain SemanticSegmentor; a subprocess that loads only
+    unet.py (not mmt_psm) reproduces its predictions in DefaultPredictor."""
+    cfg = tiny_semantic_cfg(str(tmp_path / "run"), "MixedSupervisionSegmentor")
+    cfg.merge_from_list(["SEMI.EVAL_WITH", "student", "SOLVER.MAX_ITER", 2])
+    trainer = _train(cfg)
+    (tmp_path / "run" / "config.yaml").write_text(cfg.dump())  # as train_net's default_setup writes it
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_teacher.py"), str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "run" / "model_student.pth")
+    d = DatasetCatalog.get("tinyacdc_test")[0]
+    model = trainer.model.eval()
+    from mmt_psm.data.semantic_mapper import SemanticSliceMapper
+
+    inp = SemanticSliceMapper(cfg, is_train=False)(d)
+    with torch.no_grad():
+        expected = model([inp])[0]["sem_seg"].argmax(0).numpy()
+    script = f"""
+import importlib.util, json, sys, cv2, numpy as np
+spec = importlib.util.spec_from_file_location("unet", {UNET_FILE!r})
+unet = importlib.util.module_from_spec(spec); spec.loader.exec_module(unet)
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultPredictor
+cfg = get_cfg(); unet.add_unet_config(cfg); cfg.merge_from_file({str(tmp_path / "run" / "config_student.yaml")!r})
+assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor", cfg.MODEL.META_ARCHITECTURE
+img = cv2.imread({d["file_name"]!r}, cv2.IMREAD_UNCHANGED).astype(np.float32) * (255.0 / 65535.0)
+img = cv2.resize(img, (32, 32), interpolation=cv2.INTER_LINEAR)[:, :, None]  # the exported FIXED_SIZE
+logits = DefaultPredictor(cfg)(img)["sem_seg"]  # at the 32 x 32 input; back to the original size:
+import torch.nn.functional as F
+pred = F.interpolate(logits[None], size=({d["height"]}, {d["width"]}), mode="bilinear", align_corners=False)[0]
+print(json.dumps({{"mmt_psm_loaded": any(m.startswith("mmt_psm") for m in sys.modules),
+                  "pred": pred.argmax(0).tolist()}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["mmt_psm_loaded"] is False
+    np.testing.assert_array_equal(np.array(got["pred"]), expected)
