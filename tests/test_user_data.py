@@ -197,3 +197,17 @@ def test_two_classes_rle_masks_16bit_gray_images(tmp_path):
     assert (image[0] == image[1]).all() and (image[1] == image[2]).all()  # gray replicated
     assert out["instances"].gt_classes.tolist() == [1, 0]
     assert out["instances"].gt_masks.tensor.sum(dim=(1, 2)).tolist() == [150, 300]
+
+
+def test_make_splits_registers_a_user_data_set(user, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_splits", os.path.join(REPO, "tools", "make_splits.py"))
+    make_splits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_splits)
+    out = str(tmp_path / "split.json")
+    make_splits.main(["--register", f"ud_ms:{user['train']}:{user['image_root']}", "--dataset", "ud_ms",
+                      "--count", "2", "--seed", "1", "--out", out])
+    split = splits.load_split(out)
+    assert split["dataset"] == "ud_ms" and len(split["labeled_ids"]) == 2
+    assert sorted(split["labeled_ids"] + split["unlabeled_ids"]) == [1000, 1001, 1002]

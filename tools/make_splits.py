@@ -4,8 +4,16 @@
     python tools/make_splits.py --dataset isbi2015_train --count 2 --seed 1 \
         --out datasets/splits/isbi2015_train_n2_seed1.json
     python tools/make_splits.py --dataset synthetic_train --percent 25 --seed 3 --out split.json
+    python tools/make_splits.py --register "cells:my_cells/train.json:my_cells/images" --dataset cells \
+        --count 10 --seed 1 --out my_cells/split_n10_seed1.json      # your own data (DATASETS.REGISTER entry)
 
 The data set must be prepared (its image ids are read from its COCO file).
+
+Patient mode (ACDC and other volume data sets: whole patients are labeled, weak or test, never split):
+
+    python tools/make_splits.py --patients datasets/cardiac/acdc --count 7 --seed 4 \
+        --out datasets/cardiac/acdc/splits/p7_seed4.json      # registered as acdc_p7_seed4_* by
+                                                               # mmt_psm.data.register_acdc_split(out)
 """
 from __future__ import annotations
 
@@ -20,19 +28,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv: Optional[List[str]] = None) -> None:
     """Parse arguments, choose the labeled ids and write the split file."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="registered data set name, e.g. isbi2015_train")
+    p.add_argument("--dataset", help="registered data set name, e.g. isbi2015_train")
+    p.add_argument("--patients", metavar="PREPARED_DIR",
+                   help="patient split of a prepared ACDC folder (its index.json) instead of an image split")
+    p.add_argument("--test-patients", nargs="*", default=None,
+                   help="patient mode: test patients (default: 004/024/044/064/084 where present)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--count", type=int, help="number of labeled images")
     size.add_argument("--percent", type=float, help="percentage of labeled images (rounded half up, >= 1)")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="split file to write (.json)")
+    p.add_argument("--register", action="append", default=[],
+                   help="a DATASETS.REGISTER entry to register first, e.g. name:train.json:image_root (repeatable)")
     args = p.parse_args(argv)
+    if args.patients:
+        return patient_split(args)
+    if not args.dataset:
+        p.error("--dataset is required (or --patients for a patient split)")
 
     from detectron2.data import DatasetCatalog
 
     import mmt_psm.data  # noqa: F401  (registers the built-in data sets)
     from mmt_psm.data.splits import make_split, split_names, write_split
+    from mmt_psm.data.user_datasets import register_user_dataset
 
+    for entry in args.register:
+        register_user_dataset(entry)
     dicts = DatasetCatalog.get(args.dataset)
     split = make_split(args.dataset, [d["image_id"] for d in dicts], args.seed, args.count, args.percent)
     write_split(args.out, split)
@@ -41,6 +62,25 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{len(split['labeled_ids'])} labeled / {len(split['unlabeled_ids'])} unlabeled")
     print("labeled:", ", ".join(f"{i} ({files[i]})" for i in split["labeled_ids"]))
     print("registers as:", ", ".join(split_names(split)))
+
+
+def patient_split(args: argparse.Namespace) -> None:
+    """Write a seeded patient split of the prepared folder ``args.patients``."""
+    import json
+
+    from mmt_psm.data.acdc import make_patient_split, write_json
+
+    index_file = os.path.join(args.patients, "index.json")
+    if not os.path.isfile(index_file):
+        raise SystemExit(f"{index_file} not found: prepare the data with datasets/prepare_acdc.py first")
+    with open(index_file) as f:
+        patients = sorted({s["patient"] for s in json.load(f)["slices"]})
+    if args.count is None:
+        raise SystemExit("patient mode needs --count (number of fully labeled patients)")
+    split = make_patient_split(patients, args.count, args.seed, args.test_patients)
+    write_json(args.out, split)
+    print(f"wrote {args.out}: {len(split['labeled_patients'])} labeled / {len(split['weak_patients'])} weak / "
+          f"{len(split['test_patients'])} test patients; labeled: {', '.join(split['labeled_patients'])}")
 
 
 if __name__ == "__main__":
