@@ -148,3 +148,18 @@ def test_bad_split_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_patient_split(str(path))
+
+
+def test_make_splits_patient_mode_matches_prepared_split(tmp_path):
+    import runpy
+
+    out = tiny_acdc(str(tmp_path), prefix="splitacdc")
+    tool = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "make_splits.py"))
+    target = str(tmp_path / "p3_seed2.json")
+    tool["main"](["--patients", out, "--count", "3", "--seed", "2", "--out", target])
+    assert read_patient_split(target) == read_patient_split(os.path.join(out, "splits", "p3_seed2.json"))
+    tool["main"](["--patients", out, "--count", "2", "--seed", "5", "--test-patients", "patient100",
+                  "--out", target])
+    split = read_patient_split(target)
+    assert split["test_patients"] == ["patient100"] and len(split["labeled_patients"]) == 2
+    assert len(split["weak_patients"]) == 5
