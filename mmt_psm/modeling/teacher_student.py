@@ -16,7 +16,14 @@ from torch import nn
 
 from .ramps import unsup_weight
 
-__all__ = ["TeacherStudentMixin"]
+__all__ = ["TeacherStudentMixin", "ramp_config"]
+
+
+def ramp_config(cfg) -> dict:
+    """The ramp / schedule arguments every teacher-student model takes, from ``SEMI`` and ``SOLVER.MAX_ITER``."""
+    s = cfg.SEMI
+    return {"burn_in": s.BURN_IN_ITERS, "ramp_up": s.RAMP_UP_ITERS, "ramp_down": s.RAMP_DOWN_ITERS,
+            "max_iter": cfg.SOLVER.MAX_ITER, "unsup_weight_base": s.UNSUP_WEIGHT, "eval_with": s.EVAL_WITH}
 
 
 class TeacherStudentMixin:

@@ -23,7 +23,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..teacher_student import TeacherStudentMixin
+from ..teacher_student import TeacherStudentMixin, ramp_config
 from .common import build_student, image_mask, images_of, segment, targets_of
 from .losses import (
     class_feature_means,
@@ -63,16 +63,14 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        m, s = cfg.MODEL.LCC, cfg.SEMI
+        m = cfg.MODEL.LCC
         return {
+            **ramp_config(cfg),
             "student": build_student(cfg, m.STUDENT_ARCHITECTURE),
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "burn_in": s.BURN_IN_ITERS, "ramp_up": s.RAMP_UP_ITERS, "ramp_down": s.RAMP_DOWN_ITERS,
-            "max_iter": cfg.SOLVER.MAX_ITER, "unsup_weight_base": s.UNSUP_WEIGHT,
             "tau": m.TAU, "low_conf_only": m.LOW_CONF_ONLY, "separation": m.SEPARATION,
             "separation_weight": m.SEPARATION_WEIGHT, "temperature": m.TEMPERATURE,
             "proto_momentum": m.PROTO_MOMENTUM, "noise_std": m.TEACHER_NOISE, "noise_clip": m.NOISE_CLIP,
-            "eval_with": s.EVAL_WITH,
         }
 
     @property

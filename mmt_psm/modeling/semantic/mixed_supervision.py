@@ -20,7 +20,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_sem_seg_head
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..teacher_student import TeacherStudentMixin
+from ..teacher_student import TeacherStudentMixin, ramp_config
 from .common import build_student, image_mask, images_of, targets_of
 from .losses import entropy_map, kl_map, masked_mean, split_by_flag
 from .unet import supervised_ce
@@ -53,15 +53,13 @@ class MixedSupervisionSegmentor(TeacherStudentMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        m, s = cfg.MODEL.MIXED_SUP, cfg.SEMI
+        m = cfg.MODEL.MIXED_SUP
         teacher = build_student(cfg, m.STUDENT_ARCHITECTURE)
         return {
+            **ramp_config(cfg),
             "teacher": teacher,
             "bottom_head": build_sem_seg_head(cfg, teacher.backbone.output_shape()),
-            "burn_in": s.BURN_IN_ITERS, "ramp_up": s.RAMP_UP_ITERS, "ramp_down": s.RAMP_DOWN_ITERS,
-            "max_iter": cfg.SOLVER.MAX_ITER, "unsup_weight_base": s.UNSUP_WEIGHT,
-            "kl_weight": m.KL_WEIGHT, "entropy_weight": m.ENTROPY_WEIGHT,
-            "bottom_full_labels": m.BOTTOM_FULL_LABELS, "eval_with": s.EVAL_WITH,
+            "kl_weight": m.KL_WEIGHT, "entropy_weight": m.ENTROPY_WEIGHT, "bottom_full_labels": m.BOTTOM_FULL_LABELS,
         }
 
     @property
