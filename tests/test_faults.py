@@ -71,8 +71,8 @@ def test_failing_pointer_update_keeps_the_previous_pointer(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- kill + --resume through tools/train_net.py
 OVERRIDES = [
-    "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
-    "SEMI.BURN_IN_ITERS", "2", "SEMI.EMA_START_ITER", "1", "SEMI.RAMP_UP_ITERS", "2", "SEMI.RAMP_DOWN_ITERS", "0",
+    "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
+    "SEMI.BURN_IN_ITERS", "1", "SEMI.EMA_START_ITER", "0", "SEMI.RAMP_UP_ITERS", "2", "SEMI.RAMP_DOWN_ITERS", "0",
     "SEMI.IMS_PER_BATCH_LABELED", "1", "SEMI.IMS_PER_BATCH_UNLABELED", "1", "SEMI.VIS_PERIOD", "0",
     "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
     "INPUT.MAX_SIZE_TEST", "128", "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "128",
@@ -101,11 +101,11 @@ def test_killed_run_resumed_from_the_command_line_equals_an_uninterrupted_run(tm
     r = subprocess.run(_command(full), capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    # the same run, killed (SIGKILL) once the iteration-3 checkpoint is on disk
+    # the same run, killed (SIGKILL) once the iteration-2 checkpoint is on disk
     proc = subprocess.Popen(_command(part), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     pointer, deadline = os.path.join(part, "last_checkpoint"), time.time() + 300
     try:
-        while not (os.path.exists(pointer) and open(pointer).read() == "model_0000002.pth"):
+        while not (os.path.exists(pointer) and open(pointer).read() == "model_0000001.pth"):
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no checkpoint after 300 s"
             time.sleep(0.02)
@@ -118,10 +118,10 @@ def test_killed_run_resumed_from_the_command_line_equals_an_uninterrupted_run(tm
 
     r = subprocess.run(_command(part, resume=True), capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Starting training from iteration 3" in r.stdout + r.stderr
+    assert "Starting training from iteration 2" in r.stdout + r.stderr
 
     a, b = (torch.load(os.path.join(d, "model_final.pth"), weights_only=True) for d in (full, part))
-    assert a["iteration"] == b["iteration"] == 5
+    assert a["iteration"] == b["iteration"] == 3
     assert a["model"].keys() == b["model"].keys() and any(k.startswith("teacher.") for k in a["model"])
     assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
     sa, sb = a["trainer"]["_trainer"]["optimizer"]["state"], b["trainer"]["_trainer"]["optimizer"]["state"]

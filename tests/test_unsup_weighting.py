@@ -45,7 +45,6 @@ def _record(monkeypatch, name):
 # burn-in 2, ramp-up 4, ramp-down 4 of 20 iterations, base 3: hand-computed w(t)
 @pytest.mark.parametrize("it,w", [
     (3, 3.0 * math.exp(-5 * (1 - 1 / 4) ** 2)),  # ramp-up: 1 iteration after burn-in
-    (10, 3.0),  # plateau
     (17, 3.0 * math.exp(-12 * (1 - 3 / 4) ** 2)),  # ramp-down: 3 iterations left
 ])
 def test_losses_are_ramp_weight_times_component_weight_times_raw(data, tmp_path, it, w):
