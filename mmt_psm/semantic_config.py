@@ -7,6 +7,7 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 
 from .modeling.semantic.unet import add_unet_config
+from .psm_config import add_psm_config
 
 
 def add_semantic_config(cfg: CN) -> None:
@@ -14,6 +15,7 @@ def add_semantic_config(cfg: CN) -> None:
     if hasattr(cfg.MODEL, "LCC"):
         return
     add_unet_config(cfg)
+    add_psm_config(cfg)  # PSM label-free nuclei (mmt_psm/psm_config.py)
     # Which mapper reads the training/test dicts: "cell" (COCO instances) or "semantic_slice" (image + label map)
     cfg.INPUT.DATASET_MAPPER_NAME = "cell"
     # semantic_slice: resize every image to (H, W) for the network ((0, 0) keeps its size); predictions are

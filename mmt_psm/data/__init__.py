@@ -14,9 +14,11 @@ else:
 if _HAS_DETECTRON2:
     from .acdc_datasets import register_acdc_split, register_all_acdc
     from .datasets import register_all, register_all_cervical, register_all_synthetic, register_cell_coco
+    from .psm_datasets import register_all_psm
 
     register_all()
     register_all_acdc()
+    register_all_psm()
 
     __all__ = [
         "register_acdc_split", "register_all_acdc", "register_all", "register_all_cervical", "register_all_synthetic",

@@ -145,7 +145,11 @@ def build_dataset_mapper(cfg: CfgNode, is_train: bool):
         from .mapper import CellDatasetMapper
 
         return CellDatasetMapper(cfg, is_train)
-    raise ValueError(f"INPUT.DATASET_MAPPER_NAME must be 'cell' or 'semantic_slice', got {name!r}")
+    if name == "psm_nuclei":  # H&E tile + PSM pseudo mask / Voronoi labels (mmt_psm/data/psm_mapper.py)
+        from .psm_mapper import PSMNucleiMapper
+
+        return PSMNucleiMapper(cfg, is_train)
+    raise ValueError(f"INPUT.DATASET_MAPPER_NAME must be 'cell' or 'semantic_slice' (or 'psm_nuclei'), got {name!r}")
 
 
 def _register_semantic_unlabeled_mappers() -> None:

@@ -35,6 +35,7 @@ from mmt_psm.data.unlabeled import build_unlabeled_mapper
 from mmt_psm.data.user_datasets import check_num_classes, register_datasets_from_config
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
 from mmt_psm.engine.hooks import EMATeacherHook, TrainingStateHook, unwrap_model
+from mmt_psm.engine.pseudo_label_monitor import PseudoLabelMonitorHook
 from mmt_psm.engine.vis_hook import PseudoLabelVisHook
 from mmt_psm.evaluation.cell_evaluator import CellInstanceEvaluator
 from mmt_psm.evaluation.coco_ap import build_coco_evaluator, has_instance_annotations
@@ -113,6 +114,10 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         if MetadataCatalog.get(dataset_name).get("evaluator_type", None) == "sem_seg_volume":
             return build_volume_evaluators(dataset_name, output_folder)
+        if MetadataCatalog.get(dataset_name).get("evaluator_type", None) == "nuclei_instances":  # PSM nuclei
+            from mmt_psm.evaluation.nuclei_evaluator import NucleiInstanceEvaluator
+
+            return NucleiInstanceEvaluator(cfg, dataset_name, output_folder)
         if not has_instance_annotations(dataset_name):
             meta = MetadataCatalog.get(dataset_name)
             raise ValueError(f"no evaluator for data set {dataset_name!r} (evaluator_type "
@@ -131,6 +136,11 @@ class Trainer(DefaultTrainer):
         if hasattr(unwrap_model(self._trainer.model), "teacher_student_pairs"):
             s = self.cfg.SEMI
             extra.insert(0, EMATeacherHook(s.EMA_DECAY, s.EMA_START_ITER, s.BURN_IN_ITERS, s.COPY_TEACHER_AT_BURN_IN))
+        if self.cfg.SEMI.PSEUDO_MONITOR_PERIOD > 0 and self.cfg.DATASETS.UNLABELED_GT:
+            s = self.cfg.SEMI  # before the vis hook: it reads what the model recorded before the vis hook frees it
+            extra.append(PseudoLabelMonitorHook(
+                s.PSEUDO_MONITOR_PERIOD, self.cfg.DATASETS.UNLABELED_GT, s.PSEUDO_MONITOR_SCORE,
+                self.cfg.MODEL.MMT_PSM.MASK_THRESHOLD, vis_period=s.VIS_PERIOD))
         if self.cfg.SEMI.VIS_PERIOD > 0:
             extra.append(
                 PseudoLabelVisHook(self.cfg.SEMI.VIS_PERIOD, self.cfg.OUTPUT_DIR,

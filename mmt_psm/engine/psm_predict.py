@@ -1,0 +1,126 @@
+"""Inference and outputs of the PSM networks on a folder or data set (``tools/psm_predict.py``).
+
+:func:`predict_probabilities` runs a trained ``PSMNucleiSegmentor`` (or plain ``SemanticSegmentor``) image by
+image and writes ``<stem>.png`` foreground probabilities (uint8). :func:`write_instances` turns them into
+uint16 instance maps, a COCO results JSON (RLE, score = mean probability), overlay PNGs (instance contours on
+the image) and, for images with ground truth, ``metrics.json`` (full-image MoNuSeg metrics + the paper's crop
+protocol). :func:`score_labels` logs pseudo-mask / Voronoi quality against GT the pipeline never trained on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Dict, List
+
+import cv2
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from pycocotools import mask as mask_util
+from skimage import segmentation
+
+from mmt_psm.data.psm_io import read_he_image
+from mmt_psm.engine.psm_stages import read_unit_map, write_unit_map
+from mmt_psm.evaluation.nuclei_evaluator import foreground_probability, instance_scores_of
+from mmt_psm.evaluation.nuclei_metrics import coco_mask_ap, image_scores, paper_protocol_scores, summarize_scores
+from mmt_psm.evaluation.psm_label_quality import mask_counts, pooled_quality, voronoi_counts
+from mmt_psm.modeling.psm.instances import instances_from_probability
+
+__all__ = ["predict_probabilities", "write_instances", "score_labels"]
+
+Log = Callable[[str], None]
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@torch.no_grad()
+def predict_probabilities(cfg: CfgNode, weights: str, images: List[Dict], out_dir: str, log: Log = _print) -> None:
+    """Foreground probability ``out_dir/<stem>.png`` of every image (existing files are kept)."""
+    from detectron2.modeling import build_model
+
+    from mmt_psm.data.psm_mapper import PSMNucleiMapper
+
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    model.eval()
+    mapper = PSMNucleiMapper(cfg, is_train=False)
+    os.makedirs(out_dir, exist_ok=True)
+    for i, r in enumerate(images):
+        path = os.path.join(out_dir, r["stem"] + ".png")
+        if os.path.isfile(path):
+            continue
+        start = time.perf_counter()
+        d = mapper({"file_name": r["file_name"]})
+        write_unit_map(path, foreground_probability(model([d])[0]["sem_seg"]))
+        log(f"[psm predict] {i + 1}/{len(images)} {r['stem']} ({time.perf_counter() - start:.1f} s)")
+
+
+def _overlay(image: np.ndarray, inst: np.ndarray) -> np.ndarray:
+    """BGR image with instance contours in yellow."""
+    out = np.ascontiguousarray(image[:, :, ::-1]).copy()
+    out[segmentation.find_boundaries(inst, mode="inner")] = (0, 255, 255)
+    return out
+
+
+def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: str, log: Log = _print) -> Dict:
+    """Instance maps, COCO results, overlays (and metrics when GT exists) under ``out_dir``; returns metrics."""
+    ins, pts = cfg.PSM.INSTANCES, cfg.PSM.POINTS
+    for sub in ("instances", "overlays"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    results, scores, paper, maps = [], [], [], []
+    for image_id, r in enumerate(images):
+        prob = read_unit_map(os.path.join(prob_dir, r["stem"] + ".png"))
+        inst = instances_from_probability(prob, ins.THRESHOLD, ins.MIN_SIZE, watershed=ins.WATERSHED,
+                                          sigma=pts.SIGMA, min_distance=pts.MIN_DISTANCE)
+        cv2.imwrite(os.path.join(out_dir, "instances", r["stem"] + ".png"), inst.astype(np.uint16))
+        cv2.imwrite(os.path.join(out_dir, "overlays", r["stem"] + ".png"), _overlay(read_he_image(r["file_name"]),
+                                                                                    inst))
+        sc = instance_scores_of(inst, prob)
+        for v, s in enumerate(sc, start=1):
+            rle = mask_util.encode(np.asfortranarray((inst == v).astype(np.uint8)))
+            results.append({"image_id": image_id, "file_name": r["file_name"], "category_id": 1, "score": s,
+                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+        if "instance_file_name" in r:
+            gt = cv2.imread(r["instance_file_name"], cv2.IMREAD_UNCHANGED)
+            scores.append({"stem": r["stem"], **image_scores(gt, inst)})
+            paper.append(paper_protocol_scores(gt, inst, cfg.PSM.PAPER_CROP))
+            maps.append((gt, inst, sc))
+        log(f"[psm instances] {image_id + 1}/{len(images)} {r['stem']}: {int(inst.max())} nuclei")
+    with open(os.path.join(out_dir, "predictions_coco.json"), "w") as f:
+        json.dump(results, f)
+    metrics: Dict = {}
+    if scores:
+        metrics = {"full_image": {**summarize_scores(scores), **coco_mask_ap(*zip(*maps))},
+                   "paper_protocol": summarize_scores(paper), "per_image": scores}
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        log("[psm metrics] " + json.dumps({k: round(v, 4) for k, v in metrics["full_image"].items()}))
+        paper_summary = {k: round(v, 4) for k, v in metrics["paper_protocol"].items()}
+        log("[psm metrics paper protocol] " + json.dumps(paper_summary))
+    return metrics
+
+
+def score_labels(images: List[Dict], folder: str, log: Log = _print) -> Dict:
+    """Pooled quality of ``folder``'s pseudo masks / Voronoi labels / points against images' GT (when any)."""
+    pseudo, vor = [], []
+    for r in images:
+        if "instance_file_name" not in r:
+            continue
+        gt = cv2.imread(r["instance_file_name"], cv2.IMREAD_UNCHANGED)
+        p = os.path.join(folder, "pseudo", r["stem"] + ".png")
+        if os.path.isfile(p):
+            pseudo.append(mask_counts(cv2.imread(p, cv2.IMREAD_UNCHANGED), gt))
+        v, pt = os.path.join(folder, "voronoi", r["stem"] + ".png"), os.path.join(folder, "points", r["stem"] + ".json")
+        if os.path.isfile(v):
+            points = np.asarray(json.load(open(pt))) if os.path.isfile(pt) else None
+            vor.append(voronoi_counts(cv2.imread(v, cv2.IMREAD_UNCHANGED), gt, points))
+    out = {k: pooled_quality(c) for k, c in (("pseudo_mask", pseudo), ("voronoi", vor)) if c}
+    if out:
+        with open(os.path.join(folder, "label_quality.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        log("[psm label quality] " + json.dumps({k: {a: round(b, 4) for a, b in v.items()} for k, v in out.items()}))
+    return out

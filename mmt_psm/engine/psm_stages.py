@@ -1,0 +1,193 @@
+"""PSM stages 1-3 and 5 as resumable folder-to-folder steps (used by ``tools/psm_*.py``).
+
+Every stage takes a list of image records (:func:`resolve_images`: a folder of H&E tiles or a registered data
+set), writes one file per image under a label folder, skips files that already exist (so a killed run resumes),
+prints one progress line per image, and keeps the folder's ``index.json`` (read by
+:func:`mmt_psm.data.psm_datasets.load_psm_index`) up to date. Layout of a label folder::
+
+    self_sup.pth            stage 1 network
+    activation/<stem>.png   stage 2 self-activation map (uint8, 255 = 1.0)
+    pseudo/<stem>.png       stage 3 pseudo mask (0/1)
+    probability/<stem>.png  detection-network foreground probability (uint8, 255 = 1.0; from psm_predict)
+    voronoi/<stem>.png      stage 5 labels (0 background, 1 nucleus, 255 ignore)
+    points/<stem>.json      stage 5 points (row, col)
+Ground-truth labels never enter a label folder: quality against them is scored separately.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Dict, List, Optional
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+
+from mmt_psm.data.psm_io import list_images, read_he_image, read_index, stem_of, write_index
+from mmt_psm.modeling.psm.activation import self_activation_map
+from mmt_psm.modeling.psm.pseudo_masks import pseudo_mask
+from mmt_psm.modeling.psm.self_supervised import SelfSupervisedNet, train_self_supervised
+from mmt_psm.modeling.psm.voronoi import detect_points, voronoi_labels
+
+__all__ = ["resolve_images", "run_self_supervised", "run_activation", "run_pseudo_masks", "run_voronoi",
+           "read_unit_map", "write_unit_map", "update_index", "load_psm_cfg"]
+
+Log = Callable[[str], None]
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def resolve_images(source: str, gt: Optional[str] = None) -> List[Dict]:
+    """Image records ``{file_name, stem[, instance_file_name]}`` of a folder or a registered data set name.
+
+    ``gt``: a folder of instance maps ``<stem>.png`` or a data set with ``instance_file_name`` (only used for
+    scoring, never for training)."""
+    if os.path.isdir(source):
+        recs = [{"file_name": f, "stem": stem_of(f)} for f in list_images(source)]
+    else:
+        from detectron2.data import DatasetCatalog
+
+        if source not in DatasetCatalog.list():
+            raise FileNotFoundError(f"{source!r} is neither a folder nor a registered data set")
+        recs = [{"file_name": d["file_name"], "stem": stem_of(d["file_name"]),
+                 **({"instance_file_name": d["instance_file_name"]} if "instance_file_name" in d else {})}
+                for d in DatasetCatalog.get(source)]
+        if not recs:
+            raise ValueError(f"data set {source!r} is empty")
+    if gt:
+        by_stem = {r["stem"]: r for r in recs}
+        if os.path.isdir(gt):
+            for r in recs:
+                path = os.path.join(gt, r["stem"] + ".png")
+                if os.path.isfile(path):
+                    r["instance_file_name"] = path
+        else:
+            for r in resolve_images(gt):
+                if r["stem"] in by_stem and "instance_file_name" in r:
+                    by_stem[r["stem"]]["instance_file_name"] = r["instance_file_name"]
+    return recs
+
+
+def write_unit_map(path: str, x: np.ndarray) -> None:
+    """A [0, 1] float map as uint8 PNG (255 = 1.0), written atomically."""
+    tmp = path + ".tmp.png"
+    cv2.imwrite(tmp, np.uint8(np.round(np.clip(x, 0, 1) * 255)))
+    os.replace(tmp, path)
+
+
+def read_unit_map(path: str) -> np.ndarray:
+    """Inverse of :func:`write_unit_map`."""
+    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if m is None:
+        raise OSError(f"cannot read map {path}")
+    return m.astype(np.float32) / 255.0
+
+
+def _write_label(path: str, lab: np.ndarray) -> None:
+    tmp = path + ".tmp.png"
+    cv2.imwrite(tmp, lab.astype(np.uint8))
+    os.replace(tmp, path)
+
+
+def update_index(folder: str, images: List[Dict]) -> str:
+    """Rewrite ``folder/index.json`` from the stage files present for ``images`` (GT is never listed)."""
+    old = {r["stem"]: r for r in read_index(folder)["images"]}
+    recs = []
+    for r in images:
+        rec = dict(old.get(r["stem"], {}))
+        rec.update(stem=r["stem"], file_name=os.path.abspath(r["file_name"]))
+        if "height" not in rec:
+            rec["height"], rec["width"] = read_he_image(r["file_name"]).shape[:2]
+        for key, sub in (("pseudo_mask", "pseudo"), ("voronoi", "voronoi")):
+            rel = os.path.join(sub, r["stem"] + ".png")
+            rec[key] = rel if os.path.isfile(os.path.join(folder, rel)) else None
+        recs.append(rec)
+    return write_index(folder, recs)
+
+
+def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> SelfSupervisedNet:
+    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images."""
+    s = cfg.PSM.SELF_SUP
+    path = os.path.join(folder, "self_sup.pth")
+    net = SelfSupervisedNet(tuple(s.CHANNELS))
+    if os.path.isfile(path):
+        net.load_state_dict(torch.load(path, map_location="cpu"))
+        log(f"[psm stage 1] loaded {path}")
+        return net.eval()
+    os.makedirs(folder, exist_ok=True)
+    pixels = [read_he_image(r["file_name"]) for r in images]
+    start = time.perf_counter()
+    net = train_self_supervised(pixels, s.ITERS, s.CROP, s.BATCH, s.LR, tuple(s.CHANNELS), seed=cfg.SEED % 2**31,
+                                progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"))
+    torch.save(net.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    log(f"[psm stage 1] trained in {time.perf_counter() - start:.0f} s -> {path}")
+    return net
+
+
+def _each(images: List[Dict], out_dir: str, stage: str, log: Log):
+    """Yield (i, record, output path) for images whose output is missing; log progress."""
+    os.makedirs(out_dir, exist_ok=True)
+    for i, r in enumerate(images):
+        path = os.path.join(out_dir, r["stem"] + ".png")
+        if os.path.isfile(path):
+            log(f"[psm {stage}] {i + 1}/{len(images)} {r['stem']}: exists, skipped")
+            continue
+        start = time.perf_counter()
+        yield i, r, path
+        log(f"[psm {stage}] {i + 1}/{len(images)} {r['stem']} ({time.perf_counter() - start:.1f} s)")
+
+
+def run_activation(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
+    """Stages 1-2: self-activation maps ``activation/<stem>.png``."""
+    out = os.path.join(folder, "activation")
+    if all(os.path.isfile(os.path.join(out, r["stem"] + ".png")) for r in images):
+        log("[psm stage 2] all activation maps exist")
+        return
+    net = run_self_supervised(images, folder, cfg, log)
+    for _, r, path in _each(images, out, "stage 2", log):
+        write_unit_map(path, self_activation_map(net, read_he_image(r["file_name"]), cfg.PSM.ACTIVATION_TILE))
+
+
+def run_pseudo_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
+    """Stage 3: pseudo masks ``pseudo/<stem>.png`` from the images and their activation maps."""
+    p = cfg.PSM.PSEUDO_MASK
+    for _, r, path in _each(images, os.path.join(folder, "pseudo"), "stage 3", log):
+        act = read_unit_map(os.path.join(folder, "activation", r["stem"] + ".png"))
+        mask = pseudo_mask(read_he_image(r["file_name"]), act, p.K, p.BETA, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE,
+                           p.KMEANS_SAMPLE, seed=cfg.SEED % 2**31)
+        if not mask.any():
+            log(f"[psm stage 3] warning: {r['file_name']} has no foreground in its pseudo mask")
+        _write_label(path, mask)
+    update_index(folder, images)
+
+
+def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
+    """Stage 5: points and Voronoi labels from ``probability/<stem>.png`` (the detection network's output)."""
+    pt = cfg.PSM.POINTS
+    os.makedirs(os.path.join(folder, "points"), exist_ok=True)
+    for _, r, path in _each(images, os.path.join(folder, "voronoi"), "stage 5", log):
+        prob = read_unit_map(os.path.join(folder, "probability", r["stem"] + ".png"))
+        points = detect_points(prob, pt.SIGMA, pt.MIN_DISTANCE, pt.THRESHOLD)
+        with open(os.path.join(folder, "points", r["stem"] + ".json"), "w") as f:
+            json.dump(points.tolist(), f)
+        _write_label(path, voronoi_labels(points, prob.shape, pt.RADIUS))
+    update_index(folder, images)
+
+
+def load_psm_cfg(config_file: str, opts: Optional[List[str]] = None) -> CfgNode:
+    """The project config with ``config_file`` and ``KEY VALUE`` overrides merged (frozen)."""
+    from detectron2.config import get_cfg
+
+    from mmt_psm.config import add_mmt_psm_config
+
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    cfg.freeze()
+    return cfg

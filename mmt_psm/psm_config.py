@@ -1,0 +1,55 @@
+"""``add_psm_config(cfg)``: the keys of PSM label-free nuclei segmentation (called by ``add_semantic_config``).
+
+``MODEL.PSM`` configures the meta-architecture (stages 4 and 6); ``PSM.*`` the stage tools (1-3, 5) and the
+instance post-processing; ``INPUT.PSM_CROP_SIZE`` the ``psm_nuclei`` mapper. Defaults follow the paper / the
+authors' code (cpystan/PSM) where they say something; nothing here switches anything on for other models.
+"""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+
+def add_psm_config(cfg: CN) -> None:
+    """Add the PSM keys to ``cfg`` in place (idempotent)."""
+    if hasattr(cfg, "PSM"):
+        return
+    cfg.MODEL.PSM = CN()
+    # the inner network (a plain Detectron2 semantic model whose head has decode(), e.g. the U-Net)
+    cfg.MODEL.PSM.SEGMENTOR_ARCHITECTURE = "SemanticSegmentor"
+    # loss = PSEUDO_WEIGHT * CE(pseudo mask) + VORONOI_WEIGHT * CE(Voronoi labels) (paper: 1 and 1.5);
+    # stage 4 (detection network) = VORONOI_WEIGHT 0
+    cfg.MODEL.PSM.PSEUDO_WEIGHT = 1.0
+    cfg.MODEL.PSM.VORONOI_WEIGHT = 1.5
+    # psm_nuclei mapper: random square training crop (pixels; 0 = whole image) + random rot90/flips
+    cfg.INPUT.PSM_CROP_SIZE = 256
+
+    cfg.PSM = CN()
+    # ---- stage 1: self-supervised scalar network, f(x) = f(rot180(x)) with L1, Adam, random crops
+    cfg.PSM.SELF_SUP = CN()
+    cfg.PSM.SELF_SUP.ITERS = 300
+    cfg.PSM.SELF_SUP.CROP = 128
+    cfg.PSM.SELF_SUP.BATCH = 8
+    cfg.PSM.SELF_SUP.LR = 0.001
+    cfg.PSM.SELF_SUP.CHANNELS = (16, 32, 64, 128)  # stem/layer1 width, then one block per deeper width
+    # ---- stage 2: Grad-CAM tile size (pixels) for large images (one min-max over the whole image)
+    cfg.PSM.ACTIVATION_TILE = 1024
+    # ---- stage 3: k-means pseudo masks (authors: K 3, image weight 1, holes < 64 px filled)
+    cfg.PSM.PSEUDO_MASK = CN()
+    cfg.PSM.PSEUDO_MASK.K = 3
+    cfg.PSM.PSEUDO_MASK.BETA = 1.0  # features = JET(activation) + BETA * image
+    cfg.PSM.PSEUDO_MASK.MIN_OBJECT_SIZE = 30  # px; the authors' call removed nothing (integer input)
+    cfg.PSM.PSEUDO_MASK.MAX_HOLE_SIZE = 64
+    cfg.PSM.PSEUDO_MASK.KMEANS_SAMPLE = 100000  # pixels used to fit k-means (all are assigned)
+    # ---- stage 5: points = local maxima of the blurred foreground probability; Voronoi labels
+    cfg.PSM.POINTS = CN()
+    cfg.PSM.POINTS.SIGMA = 2.0
+    cfg.PSM.POINTS.MIN_DISTANCE = 6  # px between two points (MoNuSeg nuclei: ~ 8-15 px radius at 40x)
+    cfg.PSM.POINTS.THRESHOLD = 0.5
+    cfg.PSM.POINTS.RADIUS = 2  # dilation of a point into the nucleus label (authors: disk(2))
+    # ---- instances from the final probability: connected components (paper) or watershed from the points
+    cfg.PSM.INSTANCES = CN()
+    cfg.PSM.INSTANCES.THRESHOLD = 0.5
+    cfg.PSM.INSTANCES.MIN_SIZE = 30
+    cfg.PSM.INSTANCES.WATERSHED = False
+    # ---- evaluation: also score the paper's protocol (centre crop of this size, connected-component GT)
+    cfg.PSM.PAPER_CROP = 512

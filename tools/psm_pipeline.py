@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""PSM end to end on a folder of H&E tiles (or a registered data set), without any label:
+
+    python tools/psm_pipeline.py --images my_he_tiles/ --out output/psm_run
+    python tools/psm_pipeline.py --images monuseg_train --test monuseg_test \
+        --train-gt monuseg_train_labels_for_eval --out output/psm_monuseg          # MoNuSeg protocol
+
+Stages: (1-2) self-supervised net + self-activation maps, (3) k-means pseudo masks, (4) detection network
+(``tools/train_net.py`` with configs/psm/detection.yaml), (5) points + Voronoi labels, (6) segmentation network
+(configs/psm/segmentation.yaml, initialised from stage 4), then instance maps, COCO results JSON and overlays for
+``--test`` (default: the training images themselves). Every stage resumes: rerun the same command after an
+interruption. ``--train-gt`` only scores the labels (logged, label_quality.json); ``--test`` metrics are written
+when the test set has instance maps. Trailing ``KEY VALUE`` overrides go to every stage and to train_net.
+Output: OUT/labels (label folder), OUT/detection, OUT/segmentation (train_net dirs), OUT/predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import mmt_psm  # noqa: F401
+from mmt_psm.engine.psm_predict import predict_probabilities, score_labels, write_instances
+from mmt_psm.engine.psm_stages import (
+    load_psm_cfg,
+    resolve_images,
+    run_activation,
+    run_pseudo_masks,
+    run_voronoi,
+    update_index,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(config: str, out_dir: str, labels: str, iters: int, opts, init: str = "") -> str:
+    """Run tools/train_net.py (resumable) on the label folder; returns the final weights."""
+    final = os.path.join(out_dir, "model_final.pth")
+    if os.path.isfile(final):
+        print(f"[psm pipeline] {final} exists, training skipped", flush=True)
+        return final
+    env = dict(os.environ, MMT_PSM_LABEL_SETS=f"psm_labels={os.path.abspath(labels)}")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config, "--num-gpus", "1",
+           "--resume", "OUTPUT_DIR", out_dir, "DATASETS.TRAIN", '("psm_labels",)', "DATASETS.TEST", "()",
+           "SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1))]
+    if init:
+        cmd += ["MODEL.WEIGHTS", init]
+    cmd += list(opts)
+    print("[psm pipeline] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    return final
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="training images: folder or data set (labels never read)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test", help="images to segment at the end (folder or data set); default: --images")
+    p.add_argument("--train-gt", help="instance maps of the training images, ONLY to score the PSM labels")
+    p.add_argument("--config-dir", default=os.path.join(REPO, "configs", "psm"))
+    p.add_argument("--det-iters", type=int, default=300, help="stage-4 iterations")
+    p.add_argument("--seg-iters", type=int, default=300, help="stage-6 iterations")
+    p.add_argument("--seg-from-scratch", action="store_true", help="stage 6 not initialised from stage 4")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    start = time.perf_counter()
+    det_cfg_file = os.path.join(a.config_dir, "detection.yaml")
+    seg_cfg_file = os.path.join(a.config_dir, "segmentation.yaml")
+    cfg = load_psm_cfg(det_cfg_file, a.opts)
+    labels = os.path.join(a.out, "labels")
+    images = resolve_images(a.images, a.train_gt)
+    timings = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - start - sum(timings.values()), 1)
+        print(f"[psm pipeline] {name} done ({timings[name]} s)", flush=True)
+
+    run_activation(images, labels, cfg)
+    update_index(labels, images)
+    lap("stages 1-2 (self-supervised net, activation maps)")
+    run_pseudo_masks(images, labels, cfg)
+    score_labels(images, labels)
+    lap("stage 3 (pseudo masks)")
+    det = train(det_cfg_file, os.path.join(a.out, "detection"), labels, a.det_iters, a.opts)
+    lap("stage 4 (detection network)")
+    predict_probabilities(cfg, det, images, os.path.join(labels, "probability"))
+    run_voronoi(images, labels, cfg)
+    score_labels(images, labels)
+    lap("stage 5 (points, Voronoi labels)")
+    seg = train(seg_cfg_file, os.path.join(a.out, "segmentation"), labels, a.seg_iters, a.opts,
+                init="" if a.seg_from_scratch else det)
+    lap("stage 6 (segmentation network)")
+    test = resolve_images(a.test) if a.test else images
+    seg_cfg = load_psm_cfg(seg_cfg_file, a.opts)
+    pred_dir = os.path.join(a.out, "predictions")
+    predict_probabilities(seg_cfg, seg, test, os.path.join(pred_dir, "probability"))
+    write_instances(seg_cfg, test, os.path.join(pred_dir, "probability"), pred_dir)
+    lap("prediction (instances, COCO JSON, overlays)")
+    print(f"[psm pipeline] total {time.perf_counter() - start:.0f} s; timings {timings}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""PSM label tools: one stage at a time, folder (or registered data set) in, label folder out, resumable.
+
+    python tools/psm_stage.py activation   --images DIR|DATASET --labels LABELS       # stages 1-2
+    python tools/psm_stage.py pseudo-masks --images DIR|DATASET --labels LABELS       # stage 3
+    python tools/psm_stage.py voronoi      --images ... --labels LABELS --weights detection/model_final.pth
+                                           # stage 5: detection-net probabilities -> points -> Voronoi labels
+    python tools/psm_stage.py predict      --images ... --out OUT --weights segmentation/model_final.pth
+                                           # instances (uint16 PNG), COCO results JSON, overlays, metrics
+``--gt DIR|DATASET`` (instance maps, e.g. monuseg_train_labels_for_eval) only scores labels or predictions;
+nothing reads it for training. ``--config`` (default configs/psm/Base-PSM-UNet.yaml) and trailing
+``KEY VALUE`` overrides set every stage's parameters (``PSM.*``). ``tools/psm_pipeline.py`` runs them all.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import mmt_psm  # noqa: F401  (registers data sets and models)
+from mmt_psm.engine.psm_predict import predict_probabilities, score_labels, write_instances
+from mmt_psm.engine.psm_stages import (
+    load_psm_cfg,
+    resolve_images,
+    run_activation,
+    run_pseudo_masks,
+    run_voronoi,
+    update_index,
+)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "psm",
+                              "Base-PSM-UNet.yaml")
+
+
+def run(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("activation", "pseudo-masks", "voronoi", "predict"))
+    p.add_argument("--images", required=True, help="folder of H&E tiles or a registered data set name")
+    p.add_argument("--labels", help="PSM label folder (activation, pseudo-masks, voronoi)")
+    p.add_argument("--out", help="output folder (predict)")
+    p.add_argument("--weights", help="trained model (voronoi: detection network; predict: segmentation network)")
+    p.add_argument("--gt", help="instance maps to score against (folder of <stem>.png or data set)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    a, opts = p.parse_known_args(argv)  # the rest: KEY VALUE config overrides
+    if any(o.startswith("--") for o in opts):
+        p.error(f"unknown options {[o for o in opts if o.startswith('--')]}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = load_psm_cfg(a.config, opts)
+    images = resolve_images(a.images, a.gt)
+    if a.stage in ("activation", "pseudo-masks", "voronoi") and not a.labels:
+        p.error(f"{a.stage} needs --labels")
+    if a.stage in ("voronoi", "predict") and not a.weights:
+        p.error(f"{a.stage} needs --weights")
+    if a.stage == "activation":
+        run_activation(images, a.labels, cfg)
+        update_index(a.labels, images)
+    elif a.stage == "pseudo-masks":
+        run_pseudo_masks(images, a.labels, cfg)
+        score_labels(images, a.labels)
+    elif a.stage == "voronoi":
+        predict_probabilities(cfg, a.weights, images, os.path.join(a.labels, "probability"))
+        run_voronoi(images, a.labels, cfg)
+        score_labels(images, a.labels)
+    else:
+        if not a.out:
+            p.error("predict needs --out")
+        prob_dir = os.path.join(a.out, "probability")
+        predict_probabilities(cfg, a.weights, images, prob_dir)
+        write_instances(cfg, images, prob_dir, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
