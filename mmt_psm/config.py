@@ -50,6 +50,12 @@ def add_mmt_psm_config(cfg: CN) -> None:
     _C.SEMI.EVAL_WITH = "teacher"
     # Write PNGs of the teacher's pseudo-labels every N iterations (0 = never).
     _C.SEMI.VIS_PERIOD = 0
+    # Every N iterations log the pseudo-labels' precision / recall / matched IoU per class against held-back
+    # ground truth (0 = never): DATASETS.UNLABELED_GT names labeled data sets holding (some of) the unlabeled
+    # images; their labels are only read by the monitor, never trained on. Also reported for score >= SCORE.
+    _C.SEMI.PSEUDO_MONITOR_PERIOD = 0
+    _C.SEMI.PSEUDO_MONITOR_SCORE = 0.5
+    _C.DATASETS.UNLABELED_GT = ()
 
     # ---------------------------------------------------------------- MMT-PSM
     _C.MODEL.MMT_PSM = CN()

@@ -66,14 +66,19 @@ class MMTPSMViewMapper:
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         image = read_image_checked(dataset_dict["file_name"], self.image_format)
+        transforms = []
         if self.crop is not None:
-            image = self.crop.get_transform(image).apply_image(image)
-        image = self.resize.get_transform(image).apply_image(image)
+            transforms.append(self.crop.get_transform(image))
+            image = transforms[-1].apply_image(image)
+        transforms.append(self.resize.get_transform(image))
+        image = transforms[-1].apply_image(image)
         h, w = image.shape[:2]
         rng = np.random.default_rng(np.random.randint(2**31))
         views = make_unlabeled_views(image, rng, **self.view_kwargs)
         out = {k: dataset_dict[k] for k in ("file_name", "image_id") if k in dataset_dict}
-        out.update(height=h, width=w, **views)
+        # source_transform: original file -> the cropped/resized image the views are made from (the pseudo-label
+        # monitor maps held-back ground truth with it, then with base_transform and the view's transform)
+        out.update(height=h, width=w, source_transform=T.TransformList(transforms), **views)
         return out
 
 
