@@ -37,8 +37,13 @@ def add_psm_config(cfg: CN) -> None:
     cfg.PSM.PSEUDO_MASK = CN()
     cfg.PSM.PSEUDO_MASK.K = 3
     cfg.PSM.PSEUDO_MASK.BETA = 1.0  # features = JET(activation) + BETA * image
+    # foreground cluster: "authors" (image R+G + JET G+B) or "darkness" (image R+G; see pseudo_masks.py)
+    cfg.PSM.PSEUDO_MASK.PRIOR = "authors"
     cfg.PSM.PSEUDO_MASK.MIN_OBJECT_SIZE = 30  # px; the authors' call removed nothing (integer input)
     cfg.PSM.PSEUDO_MASK.MAX_HOLE_SIZE = 64
+    # a tile whose nucleus cluster is not darker than its brightest cluster by this much (image R+G, 0..2) has
+    # no foreground (blank / background-only tiles; not in the paper)
+    cfg.PSM.PSEUDO_MASK.MIN_CONTRAST = 0.1
     cfg.PSM.PSEUDO_MASK.KMEANS_SAMPLE = 100000  # pixels used to fit k-means (all are assigned)
     # ---- stage 5: points = local maxima of the blurred foreground probability; Voronoi labels
     cfg.PSM.POINTS = CN()

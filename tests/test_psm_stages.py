@@ -63,6 +63,7 @@ def test_pseudo_mask_finds_known_blobs():
     for cy, cx in centres:  # activation peaks on the nuclei, as a trained map would
         act = np.maximum(act, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 150.0))
     mask = pseudo_mask(img, act, min_object_size=20)
+    assert np.array_equal(mask, pseudo_mask(img, act, min_object_size=20, beta=3.0, prior="darkness"))
     gt = inst > 0
     inter = (mask.astype(bool) & gt).sum()
     assert inter / gt.sum() > 0.9 and inter / mask.sum() > 0.9  # recall and precision

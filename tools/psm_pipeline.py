@@ -6,7 +6,7 @@
         --train-gt monuseg_train_labels_for_eval --out output/psm_monuseg          # MoNuSeg protocol
 
 Stages: (1-2) self-supervised net + self-activation maps, (3) k-means pseudo masks, (4) detection network
-(``tools/train_net.py`` with configs/psm/detection.yaml), (5) points + Voronoi labels, (6) segmentation network
+(``tools/train_net.py``'s main with configs/psm/detection.yaml), (5) points + Voronoi labels, (6) segmentation network
 (configs/psm/segmentation.yaml, initialised from stage 4), then instance maps, COCO results JSON and overlays for
 ``--test`` (default: the training images themselves). Every stage resumes: rerun the same command after an
 interruption. ``--train-gt`` only scores the labels (logged, label_quality.json); ``--test`` metrics are written
@@ -16,14 +16,16 @@ Output: OUT/labels (label folder), OUT/detection, OUT/segmentation (train_net di
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import subprocess
 import sys
 import time
 
 import torch
+from detectron2.engine import default_argument_parser
 
 import mmt_psm  # noqa: F401
+from mmt_psm.data.psm_datasets import register_psm_labels
 from mmt_psm.engine.psm_predict import predict_probabilities, score_labels, write_instances
 from mmt_psm.engine.psm_stages import (
     load_psm_cfg,
@@ -38,21 +40,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(config: str, out_dir: str, labels: str, iters: int, opts, init: str = "") -> str:
-    """Run tools/train_net.py (resumable) on the label folder; returns the final weights."""
+    """``tools/train_net.py`` (its ``main``, in this process; ``--resume``) on the label folder registered as
+    ``psm_labels``; returns the final weights. The same command line by hand:
+    ``MMT_PSM_LABEL_SETS=psm_labels=LABELS python tools/train_net.py --config-file CONFIG ...``."""
     final = os.path.join(out_dir, "model_final.pth")
     if os.path.isfile(final):
         print(f"[psm pipeline] {final} exists, training skipped", flush=True)
         return final
-    env = dict(os.environ, MMT_PSM_LABEL_SETS=f"psm_labels={os.path.abspath(labels)}")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config, "--num-gpus", "1",
-           "--resume", "OUTPUT_DIR", out_dir, "DATASETS.TRAIN", '("psm_labels",)', "DATASETS.TEST", "()",
-           "SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1))]
-    if init:
-        cmd += ["MODEL.WEIGHTS", init]
-    cmd += list(opts)
-    print("[psm pipeline] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    register_psm_labels("psm_labels", labels)
+    spec = importlib.util.spec_from_file_location("psm_train_net", os.path.join(REPO, "tools", "train_net.py"))
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    argv = ["--config-file", config, "--num-gpus", "1", "--resume", "OUTPUT_DIR", out_dir,
+            "DATASETS.TRAIN", '("psm_labels",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1))] + (["MODEL.WEIGHTS", init] if init else [])
+    argv += list(opts)
+    print(f"[psm pipeline] MMT_PSM_LABEL_SETS=psm_labels={os.path.abspath(labels)} python tools/train_net.py "
+          + " ".join(repr(a) if " " in a or "(" in a else a for a in argv), flush=True)
+    train_net.main(default_argument_parser().parse_args(argv))
     return final
 
 
@@ -61,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", required=True, help="training images: folder or data set (labels never read)")
     p.add_argument("--out", required=True)
     p.add_argument("--test", help="images to segment at the end (folder or data set); default: --images")
+    p.add_argument("--test-gt", help="instance maps of the --test images (folder of <stem>.png or data set)")
     p.add_argument("--train-gt", help="instance maps of the training images, ONLY to score the PSM labels")
     p.add_argument("--config-dir", default=os.path.join(REPO, "configs", "psm"))
     p.add_argument("--det-iters", type=int, default=300, help="stage-4 iterations")
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     seg = train(seg_cfg_file, os.path.join(a.out, "segmentation"), labels, a.seg_iters, a.opts,
                 init="" if a.seg_from_scratch else det)
     lap("stage 6 (segmentation network)")
-    test = resolve_images(a.test) if a.test else images
+    test = resolve_images(a.test or a.images, a.test_gt if a.test or a.test_gt else a.train_gt)
     seg_cfg = load_psm_cfg(seg_cfg_file, a.opts)
     pred_dir = os.path.join(a.out, "predictions")
     predict_probabilities(seg_cfg, seg, test, os.path.join(pred_dir, "probability"))

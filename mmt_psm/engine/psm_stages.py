@@ -159,7 +159,8 @@ def run_pseudo_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _
     for _, r, path in _each(images, os.path.join(folder, "pseudo"), "stage 3", log):
         act = read_unit_map(os.path.join(folder, "activation", r["stem"] + ".png"))
         mask = pseudo_mask(read_he_image(r["file_name"]), act, p.K, p.BETA, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE,
-                           p.KMEANS_SAMPLE, seed=cfg.SEED % 2**31)
+                           p.KMEANS_SAMPLE, seed=cfg.SEED % 2**31, prior=p.PRIOR,
+                           min_contrast=p.MIN_CONTRAST)
         if not mask.any():
             log(f"[psm stage 3] warning: {r['file_name']} has no foreground in its pseudo mask")
         _write_label(path, mask)

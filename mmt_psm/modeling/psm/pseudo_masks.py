@@ -1,9 +1,15 @@
 """PSM stage 3: semantic-guided pseudo masks by k-means on the image + the colour-mapped self-activation map.
 
 As in the authors' code: features = JET(activation) + BETA * image (both RGB in [0, 1]); k-means with K = 3
-(scikit-learn); the foreground cluster is the one with the lowest colour-prior score = mean over the cluster of
-(image R + image G) + (JET G + JET B): nuclei are dark in red and green (haematoxylin blue-purple) and highly
-activated (JET red: low green and blue). Then small objects and holes are removed (scikit-image).
+(scikit-learn); the foreground cluster is the one with the lowest colour-prior score, averaged over the cluster:
+
+- ``prior="authors"``: (image R + image G) + (JET G + JET B): nuclei are dark in red and green (haematoxylin
+  blue-purple) and highly activated (JET red: low green and blue). The JET term is not monotone (JET of 0 is
+  dark blue, G + B = 0.5, lower than at 0.2-0.6): on a tile whose activation is low almost everywhere it picked
+  the pink stroma (MoNuSeg train, TCGA-E2-A1B5: pseudo-mask Dice 0.04);
+- ``prior="darkness"``: image R + image G only (nuclei are the darkest in red and green); the activation still
+  shapes the clusters through the features. Measured on the 13 MoNuSeg training tiles (BENCHMARKS.md).
+Then small objects and holes are removed (scikit-image).
 The authors' ``remove_small_objects`` received a 0/1 integer map and so removed nothing; here it runs on the
 boolean mask with ``MIN_OBJECT_SIZE``.
 """
@@ -47,12 +53,21 @@ def jet_colour_map(activation: np.ndarray) -> np.ndarray:
     return bgr[:, :, ::-1].astype(np.float32) / 255.0
 
 
-def cluster_features(image: np.ndarray, activation: np.ndarray, beta: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
-    """(HxWx3 k-means features JET + beta * image, HxW colour-prior score per pixel)."""
+PRIORS = ("authors", "darkness")
+
+
+def cluster_features(
+    image: np.ndarray, activation: np.ndarray, beta: float = 1.0, prior: str = "authors"
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(HxWx3 k-means features JET + beta * image, HxW colour-prior score per pixel; lower = nucleus)."""
+    if prior not in PRIORS:
+        raise ValueError(f"PSM.PSEUDO_MASK.PRIOR must be one of {PRIORS}, got {prior!r}")
     img = image.astype(np.float32) / 255.0
     heat = jet_colour_map(activation)
-    prior = img[:, :, 0] + img[:, :, 1] + heat[:, :, 1] + heat[:, :, 2]
-    return heat + beta * img, prior
+    score = img[:, :, 0] + img[:, :, 1]
+    if prior == "authors":
+        score = score + heat[:, :, 1] + heat[:, :, 2]
+    return heat + beta * img, score
 
 
 def foreground_cluster(labels: np.ndarray, prior: np.ndarray, k: int) -> int:
@@ -63,15 +78,18 @@ def foreground_cluster(labels: np.ndarray, prior: np.ndarray, k: int) -> int:
 
 def pseudo_mask(
     image: np.ndarray, activation: np.ndarray, k: int = 3, beta: float = 1.0, min_object_size: int = 30,
-    max_hole_size: int = 64, sample: int = 100000, seed: int = 0,
+    max_hole_size: int = 64, sample: int = 100000, seed: int = 0, prior: str = "authors",
+    min_contrast: float = 0.1,
 ) -> np.ndarray:
     """HxW uint8 pseudo mask (1 = nucleus) of an HxWx3 uint8 RGB image and its activation map in [0, 1].
 
     k-means is fitted on at most ``sample`` random pixels (all pixels are then assigned). An image with fewer
-    than ``k`` distinct feature values (blank tile) gets an empty mask and a warning."""
+    than ``k`` distinct feature values, or whose foreground cluster is less than ``min_contrast`` darker (mean
+    image R + G in [0, 2]) than its brightest cluster (a blank or background-only tile), gets an empty mask and a
+    warning."""
     if image.shape[:2] != activation.shape[:2]:
         raise ValueError(f"image {image.shape[:2]} and activation map {activation.shape[:2]} differ in size")
-    feats, prior = cluster_features(image, activation, beta)
+    feats, score = cluster_features(image, activation, beta, prior)
     flat = feats.reshape(-1, 3)
     rng = np.random.default_rng(seed)
     fit = flat[rng.choice(flat.shape[0], sample, replace=False)] if flat.shape[0] > sample else flat
@@ -82,5 +100,12 @@ def pseudo_mask(
         warnings.simplefilter("ignore")  # ConvergenceWarning on near-blank tiles: the result is still usable
         km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(fit)
     labels = km.predict(flat).reshape(image.shape[:2])
-    mask = labels == foreground_cluster(labels, prior, k)
+    fg = foreground_cluster(labels, score, k)
+    img = image.astype(np.float32) / 255.0
+    dark = img[:, :, 0] + img[:, :, 1]
+    means = [float(dark[labels == c].mean()) for c in range(k) if np.any(labels == c)]
+    if max(means) - float(dark[labels == fg].mean()) < min_contrast:
+        logger.warning("pseudo_mask: no cluster is darker than the rest by %.2f: no foreground", min_contrast)
+        return np.zeros(image.shape[:2], np.uint8)
+    mask = labels == fg
     return remove_small(mask, min_object_size, max_hole_size).astype(np.uint8)
