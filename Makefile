@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmt_psm_setup
 
-.PHONY: setup test quickstart lint clean
+.PHONY: setup test quickstart lint clean psm
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ lint: setup
 
 quickstart: setup
 	$(PY) tools/quickstart.py
+
+# PSM label-free nuclei segmentation (README "PSM"): the MoNuSeg protocol by default; your own folder of H&E
+# tiles with `make psm PSM_ARGS="--images my_tiles/ --out output/psm_my_tiles"`
+PSM_ARGS ?= --images monuseg_train --train-gt monuseg_train_labels_for_eval --test monuseg_test --out output/psm_monuseg
+psm: setup
+	test -d datasets/nuclei/monuseg/test || $(PY) datasets/prepare_monuseg.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/psm_pipeline.py $(PSM_ARGS)
 
 clean:
 	rm -rf build output_quickstart .pytest_cache
