@@ -10,9 +10,8 @@ TEACHER_FLIP off), each component alone (PSM_LOSS / MGD_LOSS).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -23,15 +22,15 @@ from torch import nn
 
 from .distill_losses import FeatureAdaptors, mask_guided_feature_loss, psm_distillation_loss
 from .pseudo_labels import foreground_map, label_and_sample, pseudo_targets, training_topk
-from .ramps import unsup_weight
 from .sensitivity import mine_negatives, proposal_sensitivity
+from .teacher_student import TeacherStudentMixin, ramp_config
 from .views import flip_feature_map, level_width
 
 __all__ = ["MMTPSMRCNN"]
 
 
 @META_ARCH_REGISTRY.register()
-class MMTPSMRCNN(nn.Module):
+class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
     """Mask-guided Mean Teacher with Perturbation-sensitive Sample Mining on Mask R-CNN."""
 
     @configurable
@@ -67,8 +66,6 @@ class MMTPSMRCNN(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = copy.deepcopy(student)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         if student_box_dropout > 0:  # after fc7 of the student only (appended to the Sequential box head)
             self.student.roi_heads.box_head.add_module("student_dropout", nn.Dropout(student_box_dropout))
         channels = {k: v.channels for k, v in student.backbone.output_shape().items()}
@@ -89,34 +86,19 @@ class MMTPSMRCNN(nn.Module):
         self.mask_threshold, self.pseudo_score_thresh = mask_threshold, pseudo_score_thresh
         self.proposal_batch_size, self.proposal_positive_fraction = proposal_batch_size, proposal_positive_fraction
         self.proposal_iou = proposal_iou
-        if eval_with not in ("teacher", "student"):
-            raise ValueError(f"SEMI.EVAL_WITH must be 'teacher' or 'student', got {eval_with!r}")
-        self._eval_with = eval_with
         # set by PseudoLabelVisHook for the steps it draws: keep (unlabeled dicts, detections) in _last_pseudo
         self.record_pseudo_labels = False
         self._last_pseudo = None
-        self.teacher.eval()
         self.adaptors_teacher.eval()
-        self._register_load_state_dict_pre_hook(self._load_plain_detector)
-
-    @staticmethod
-    def _load_plain_detector(state_dict, prefix, *args) -> None:
-        """Accept a plain detector state dict (e.g. a supervised checkpoint as MODEL.WEIGHTS): load it into
-        both student and teacher."""
-        if any(k.startswith(prefix + "student.") for k in state_dict):
-            return
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            value = state_dict.pop(key)
-            rest = key[len(prefix) :]
-            state_dict[f"{prefix}student.{rest}"] = value
-            state_dict[f"{prefix}teacher.{rest}"] = value
+        # the shared core: frozen eval-mode teacher, evaluate_with, loss_weight, plain-detector loading
+        self._init_teacher_student(eval_with)
 
     @classmethod
     def from_config(cls, cfg):
         student_cfg = cfg.clone()
         student_cfg.defrost()
         student_cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.MMT_PSM.STUDENT_ARCHITECTURE
-        m, s = cfg.MODEL.MMT_PSM, cfg.SEMI
+        m = cfg.MODEL.MMT_PSM
         n_views = m.NUM_TEACHER_COPIES * (2 if m.TEACHER_FLIP else 1)
         if m.MINING and n_views < 2:
             raise ValueError(
@@ -129,11 +111,7 @@ class MMTPSMRCNN(nn.Module):
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             "mgd_features": tuple(m.MGD_IN_FEATURES),
             "adaptor_dim": m.MGD_ADAPTOR_DIM,
-            "burn_in": s.BURN_IN_ITERS,
-            "ramp_up": s.RAMP_UP_ITERS,
-            "ramp_down": s.RAMP_DOWN_ITERS,
-            "max_iter": cfg.SOLVER.MAX_ITER,
-            "unsup_weight_base": s.UNSUP_WEIGHT,
+            **ramp_config(cfg),
             "psm_loss": m.PSM_LOSS,
             "psm_weight": m.PSM_WEIGHT,
             "sharpen_t": m.SHARPEN_T,
@@ -149,7 +127,6 @@ class MMTPSMRCNN(nn.Module):
             "proposal_positive_fraction": m.PROPOSAL_POSITIVE_FRACTION,
             "proposal_iou": m.PROPOSAL_IOU,
             "student_box_dropout": m.STUDENT_BOX_DROPOUT,
-            "eval_with": s.EVAL_WITH,
         }
 
     # ------------------------------------------------------------------ teacher-student interface
@@ -162,31 +139,19 @@ class MMTPSMRCNN(nn.Module):
         return [(self.teacher, self.student), (self.adaptors_teacher, self.adaptors_student)]
 
     def train(self, mode: bool = True) -> MMTPSMRCNN:
-        super().train(mode)
-        self.teacher.eval()
+        super().train(mode)  # TeacherStudentMixin: the teacher stays in eval mode
         self.adaptors_teacher.eval()
         return self
-
-    @contextlib.contextmanager
-    def evaluate_with(self, which: str) -> Iterator[None]:
-        """Run inference with the ``"teacher"`` or the ``"student"`` inside the block."""
-        old, self._eval_with = self._eval_with, which
-        try:
-            yield
-        finally:
-            self._eval_with = old
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
-            return (self.teacher if self._eval_with == "teacher" else self.student)(batched_inputs)
+            return self.inference_model()(batched_inputs)
         labeled = [d for d in batched_inputs if d.get("labeled", True)]
         unlabeled = [d for d in batched_inputs if not d.get("labeled", True)]
         losses = self.student(labeled) if labeled else {}
         storage = get_event_storage()
-        weight = unsup_weight(
-            storage.iter, self.burn_in, self.ramp_up, self.ramp_down, self.max_iter, self.unsup_weight_base
-        )
+        weight = self.loss_weight(storage.iter)
         storage.put_scalar("mmt_psm/unsup_weight", weight, smoothing_hint=False)
         if unlabeled and storage.iter >= self.burn_in and (self.psm_loss or self.mgd_loss):
             unsup = self.unsupervised_losses(unlabeled)
