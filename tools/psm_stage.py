@@ -7,6 +7,8 @@
                                            # stage 5: detection-net probabilities -> points -> Voronoi labels
     python tools/psm_stage.py predict      --images ... --out OUT --weights segmentation/model_final.pth
                                            # instances (uint16 PNG), COCO results JSON, overlays, metrics
+    python tools/psm_stage.py pseudo-instances --images ... --labels LABELS --out OUT
+                                           # the same outputs from the stage-3 pseudo masks (a baseline)
 ``--gt DIR|DATASET`` (instance maps, e.g. monuseg_train_labels_for_eval) only scores labels or predictions;
 nothing reads it for training. ``--config`` (default configs/psm/Base-PSM-UNet.yaml) and trailing
 ``KEY VALUE`` overrides set every stage's parameters (``PSM.*``). ``tools/psm_pipeline.py`` runs them all.
@@ -17,6 +19,8 @@ import argparse
 import os
 import sys
 
+import cv2
+import numpy as np
 import torch
 
 import mmt_psm  # noqa: F401  (registers data sets and models)
@@ -28,6 +32,7 @@ from mmt_psm.engine.psm_stages import (
     run_pseudo_masks,
     run_voronoi,
     update_index,
+    write_unit_map,
 )
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "psm",
@@ -36,7 +41,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("activation", "pseudo-masks", "voronoi", "predict"))
+    p.add_argument("stage", choices=("activation", "pseudo-masks", "voronoi", "predict", "pseudo-instances"))
     p.add_argument("--images", required=True, help="folder of H&E tiles or a registered data set name")
     p.add_argument("--labels", help="PSM label folder (activation, pseudo-masks, voronoi)")
     p.add_argument("--out", help="output folder (predict)")
@@ -49,7 +54,7 @@ def run(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = load_psm_cfg(a.config, opts)
     images = resolve_images(a.images, a.gt)
-    if a.stage in ("activation", "pseudo-masks", "voronoi") and not a.labels:
+    if a.stage in ("activation", "pseudo-masks", "voronoi", "pseudo-instances") and not a.labels:
         p.error(f"{a.stage} needs --labels")
     if a.stage in ("voronoi", "predict") and not a.weights:
         p.error(f"{a.stage} needs --weights")
@@ -65,9 +70,17 @@ def run(argv=None) -> int:
         score_labels(images, a.labels)
     else:
         if not a.out:
-            p.error("predict needs --out")
+            p.error(f"{a.stage} needs --out")
         prob_dir = os.path.join(a.out, "probability")
-        predict_probabilities(cfg, a.weights, images, prob_dir)
+        if a.stage == "predict":
+            predict_probabilities(cfg, a.weights, images, prob_dir)
+        else:  # pseudo masks (0/1) as probabilities 0/1
+            os.makedirs(prob_dir, exist_ok=True)
+            for r in images:
+                mask = cv2.imread(os.path.join(a.labels, "pseudo", r["stem"] + ".png"), cv2.IMREAD_UNCHANGED)
+                if mask is None:
+                    raise FileNotFoundError(f"no pseudo mask for {r['file_name']} in {a.labels}/pseudo")
+                write_unit_map(os.path.join(prob_dir, r["stem"] + ".png"), mask.astype(np.float32))
         write_instances(cfg, images, prob_dir, a.out)
     return 0
 
