@@ -47,10 +47,15 @@ TASK = "sem_seg_volume"
 
 
 def final_results(run_dir: str) -> Optional[Dict[str, float]]:
-    """The last record of ``metrics.json`` holding the volume metrics (flattened ``task/metric`` keys), or None."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
+    """The volume metrics (flattened ``task/metric`` keys) of the evaluation at the run's LAST iteration, from
+    ``metrics.json``; None while the run has not finished (an intermediate evaluation does not count)."""
+    path, config = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
+    if not (os.path.isfile(path) and os.path.isfile(config)):
         return None
+    import yaml
+
+    with open(config) as f:
+        last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"]) - 1
     found = None
     with open(path) as f:
         for line in f:
@@ -58,7 +63,7 @@ def final_results(run_dir: str) -> Optional[Dict[str, float]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if f"{TASK}/Dice" in rec:
+            if f"{TASK}/Dice" in rec and rec.get("iteration", -1) >= last_iter:
                 found = rec
     return found
 

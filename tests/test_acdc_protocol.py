@@ -1,0 +1,36 @@
+"""tools/acdc_protocol.py: a run counts only when its LAST iteration was evaluated; mean +- std over seeds."""
+import json
+import os
+import runpy
+
+import pytest
+
+TOOL = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "acdc_protocol.py"))
+
+
+def _run_dir(tmp_path, records, max_iter=1200):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text(f"SOLVER:\n  MAX_ITER: {max_iter}\n")
+    (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(d)
+
+
+def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
+    mid = {"iteration": 599, "sem_seg_volume/Dice": 0.4}
+    d = _run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, mid])
+    assert TOOL["final_results"](d) is None
+    with open(os.path.join(d, "metrics.json"), "a") as f:
+        f.write(json.dumps({"iteration": 1199, "sem_seg_volume/Dice": 0.6}) + "\n")
+    assert TOOL["final_results"](d)["sem_seg_volume/Dice"] == 0.6
+
+
+def test_summary_mean_std_over_seeds_and_other_model():
+    metrics = TOOL["METRICS"]
+    run = lambda v: {**{f"sem_seg_volume/{m}": v for m in metrics},  # noqa: E731
+                     **{f"sem_seg_volume_student/{m}": v + 1 for m in metrics}}
+    table = TOOL["summarize"]({"lcc": {1: run(0.2), 2: run(0.4)}})
+    assert table["lcc"]["Dice"] == [pytest.approx(0.3), pytest.approx(0.1), 2]
+    assert table["lcc (student)"]["HD95"][0] == pytest.approx(1.3)
+    md = TOOL["markdown"](table, [1, 2])
+    assert "| lcc | 2 | 0.300 +- 0.100" in md
