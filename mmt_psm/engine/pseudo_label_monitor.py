@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.engine import HookBase
 from detectron2.layers import paste_masks_in_image
-from detectron2.utils import comm
 
 from mmt_psm.engine.hooks import unwrap_model
+from mmt_psm.engine.vis_hook import PseudoLabelRecordingHook
 from mmt_psm.evaluation.cell_metrics import iou_matrix, match_objects
 
 __all__ = ["PseudoLabelMonitorHook", "match_counts", "gt_masks_in_view"]
@@ -72,7 +71,7 @@ def _summ(counts: Dict[str, float]) -> Dict[str, float]:
             "matched_iou": counts["iou_sum"] / tp if tp else 0.0}
 
 
-class PseudoLabelMonitorHook(HookBase):
+class PseudoLabelMonitorHook(PseudoLabelRecordingHook):
     """Logs pseudo-label precision / recall / matched IoU per class against held-back ground truth."""
 
     def __init__(self, period: int, gt_dataset_names: Sequence[str], score_thresh: float = 0.5,
@@ -90,15 +89,6 @@ class PseudoLabelMonitorHook(HookBase):
             self.class_names = list(MetadataCatalog.get(self.names[0]).get("thing_classes", []))
         if not self._gt:
             logger.warning(f"DATASETS.UNLABELED_GT {self.names}: no images; the pseudo-label monitor logs nothing")
-
-    def _due(self) -> bool:
-        return self.period > 0 and (self.trainer.iter + 1) % self.period == 0 and comm.is_main_process()
-
-    def before_step(self) -> None:
-        if self._due():
-            model = unwrap_model(self.trainer.model)
-            model._last_pseudo = None
-            model.record_pseudo_labels = True
 
     def after_step(self) -> None:
         if not self._due():

@@ -26,12 +26,28 @@ from detectron2.utils import comm
 from mmt_psm.engine.hooks import unwrap_model
 from mmt_psm.utils.visualize import cfg_metadata, draw_pseudo_labels, write_png
 
-__all__ = ["PseudoLabelVisHook"]
+__all__ = ["PseudoLabelRecordingHook", "PseudoLabelVisHook"]
 
 logger = logging.getLogger(__name__)
 
 
-class PseudoLabelVisHook(HookBase):
+class PseudoLabelRecordingHook(HookBase):
+    """Base of the hooks that read the model's recorded pseudo-labels every ``period`` iterations (main process):
+    before a due step it clears ``_last_pseudo`` and sets ``record_pseudo_labels``."""
+
+    period = 0
+
+    def _due(self) -> bool:
+        return self.period > 0 and (self.trainer.iter + 1) % self.period == 0 and comm.is_main_process()
+
+    def before_step(self) -> None:
+        if self._due():
+            model = unwrap_model(self.trainer.model)
+            model._last_pseudo = None
+            model.record_pseudo_labels = True
+
+
+class PseudoLabelVisHook(PseudoLabelRecordingHook):
     """Every ``period`` iterations (when ``(iter + 1) % period == 0``, like Detectron2's periodic hooks), draw
     the pseudo-labels of the first ``max_images`` unlabeled images of that step on their teacher view 0 and
     write ``<output_dir>/pseudo_labels/iter_XXXXXXX.png`` (the iteration that just ran) plus
@@ -60,15 +76,6 @@ class PseudoLabelVisHook(HookBase):
         if cfg is not None:
             self.image_format = self.image_format or cfg.INPUT.FORMAT
             self.metadata = self.metadata if self.metadata is not None else cfg_metadata(cfg)
-
-    def _due(self) -> bool:
-        return self.period > 0 and (self.trainer.iter + 1) % self.period == 0 and comm.is_main_process()
-
-    def before_step(self) -> None:
-        if self._due():
-            model = unwrap_model(self.trainer.model)
-            model._last_pseudo = None
-            model.record_pseudo_labels = True
 
     def after_step(self) -> None:
         if not self._due():
