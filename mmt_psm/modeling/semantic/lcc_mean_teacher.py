@@ -93,16 +93,19 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         weight = self.loss_weight(storage.iter)
         storage.put_scalar("lcc/unsup_weight", weight, smoothing_hint=False)
         zero = logits.sum() * 0.0
-        raw_cons, raw_sep = zero, zero
-        if unlabeled and storage.iter >= self.burn_in:
-            raw_cons, raw_sep = self._unsupervised(unlabeled, feats[n_lab:], logits[n_lab:], images, n_lab)
+        raw_cons, raw_sep, frac = zero, zero, zero.detach()
+        unsupervised_step = bool(unlabeled) and storage.iter >= self.burn_in
+        if unsupervised_step:
+            raw_cons, raw_sep, frac = self._unsupervised(unlabeled, feats[n_lab:], logits[n_lab:], images, n_lab)
         losses["loss_consistency"] = raw_cons * weight
         losses["loss_separation"] = raw_sep * (weight * self.separation_weight)
-        storage.put_scalar("lcc/loss_consistency_raw", float(raw_cons.detach()))
-        storage.put_scalar("lcc/loss_separation_raw", float(raw_sep.detach()))
-        norms = self.prototypes.norm(dim=1)
-        for c in range(self.num_classes):
-            storage.put_scalar(f"lcc/prototype_norm_{c}", float(norms[c]))
+        # one device->host copy for every logged statistic of the step
+        stats = torch.cat([torch.stack([raw_cons.detach(), raw_sep.detach(), frac]),
+                           self.prototypes.norm(dim=1)]).tolist()
+        storage.put_scalars(**{"lcc/loss_consistency_raw": stats[0], "lcc/loss_separation_raw": stats[1]})
+        if unsupervised_step:
+            storage.put_scalar("lcc/low_conf_fraction", stats[2])
+        storage.put_scalars(**{f"lcc/prototype_norm_{c}": v for c, v in enumerate(stats[3:])})
         return losses
 
     def _unsupervised(self, unlabeled, feats_u, logits_u, images, n_lab):
@@ -114,13 +117,12 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         low, pseudo = low_confidence_mask(t_probs, self.tau)
         kept = (low if self.low_conf_only else torch.ones_like(low)) & inside
         frac = kept.sum().float() / inside.sum().clamp(min=1).float()
-        get_event_storage().put_scalar("lcc/low_conf_fraction", float(frac))
         cons = masked_softmax_mse(logits_u.softmax(dim=1), t_probs, kept)
         sep = logits_u.sum() * 0.0
         if self.separation:
             sep = class_separation_loss(feats_u, pseudo, kept, self.prototypes, self.temperature,
                                         self.prototypes_initialized)
-        return cons, sep
+        return cons, sep, frac
 
     @torch.no_grad()
     def _update_prototypes(self, feats: torch.Tensor, targets: torch.Tensor) -> None:

@@ -26,11 +26,8 @@ def valid_mask(image_sizes: Sequence[Tuple[int, int]], shape: Tuple[int, int], d
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` (N, H, W) over ``mask``; ``values.sum() * 0`` when the mask is empty."""
-    m = mask.to(values.dtype)
-    count = m.sum()
-    if count.item() == 0:
-        return values.sum() * 0.0
-    return (values * m).sum() / count
+    m = mask.to(values.dtype)  # no host sync: an empty mask gives 0 / 1
+    return (values * m).sum() / m.sum().clamp(min=1.0)
 
 
 def kl_map(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -75,8 +72,6 @@ def update_prototypes(
 ) -> None:
     """In place: ``P_c <- m P_c + (1 - m) mean_c`` for classes seen in this batch; first sight: ``P_c = mean_c``."""
     seen = counts > 0
-    if not bool(seen.any()):
-        return
     means = sums[seen] / counts[seen].unsqueeze(1)
     first = ~initialized[seen]
     old = prototypes[seen]

@@ -88,18 +88,21 @@ class MixedSupervisionSegmentor(TeacherStudentMixin, nn.Module):
             losses.update({f"{k}_bottom_full": v for k, v in extra.items()})
         zero = bottom.sum() * 0.0
         partial, kl, ent = zero, zero, zero
+        weak_targets = None
         if weak:
             weak_targets = targets_of(self.student, weak, shape)
             if weak_targets is not None:
                 partial = supervised_ce(bottom[n:], weak_targets, ignore)
-                storage.put_scalar("mixed/annotated_fraction", float((weak_targets != ignore).float().mean()))
             inside = image_mask(images)[n:]
             kl = masked_mean(kl_map(top[n:], bottom[n:]), inside)
             ent = masked_mean(entropy_map(bottom[n:]), inside)
         weight = self.loss_weight(storage.iter)
         storage.put_scalar("mixed/unsup_weight", weight, smoothing_hint=False)
-        storage.put_scalar("mixed/loss_kl_raw", float(kl.detach()))
-        storage.put_scalar("mixed/loss_entropy_raw", float(ent.detach()))
+        annotated = (weak_targets != ignore).float().mean() if weak and weak_targets is not None else zero
+        kl_raw, ent_raw, frac = torch.stack([kl.detach(), ent.detach(), annotated.detach()]).tolist()  # one sync
+        storage.put_scalars(**{"mixed/loss_kl_raw": kl_raw, "mixed/loss_entropy_raw": ent_raw})
+        if weak and weak_targets is not None:
+            storage.put_scalar("mixed/annotated_fraction", frac)
         losses["loss_partial_ce"] = partial
         losses["loss_kl"] = kl * (weight * self.kl_weight)
         losses["loss_entropy"] = ent * (weight * self.entropy_weight)

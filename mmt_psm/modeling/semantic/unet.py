@@ -166,8 +166,7 @@ class UNetHead(nn.Module):
 
 def supervised_ce(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
     """Mean CE over the pixels that are not ``ignore_value``; an exact (graph-connected) 0 when there are none."""
-    valid = targets != ignore_value
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_value)
+    valid = (targets != ignore_value).sum()  # no host sync: no valid pixel gives 0 / 1
+    ce = F.cross_entropy(logits, targets.long(), ignore_index=ignore_value, reduction="sum")
+    return ce / valid.clamp(min=1).to(ce.dtype)
 
