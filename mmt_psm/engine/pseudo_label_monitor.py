@@ -26,7 +26,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.layers import paste_masks_in_image
 
-from mmt_psm.engine.hooks import unwrap_model
 from mmt_psm.engine.vis_hook import PseudoLabelRecordingHook
 from mmt_psm.evaluation.cell_metrics import iou_matrix, match_objects
 
@@ -93,11 +92,8 @@ class PseudoLabelMonitorHook(PseudoLabelRecordingHook):
     def after_step(self) -> None:
         if not self._due():
             return
-        model = unwrap_model(self.trainer.model)
-        model.record_pseudo_labels = False
-        pseudo = getattr(model, "_last_pseudo", None)
-        if not (self.vis_period > 0 and (self.trainer.iter + 1) % self.vis_period == 0):
-            model._last_pseudo = None  # the vis hook (after this one) does not need it at this step
+        # the vis hook runs after this one: keep the batch for it on the steps it draws
+        pseudo = self._take_recorded(keep=self.vis_period > 0 and (self.trainer.iter + 1) % self.vis_period == 0)
         if pseudo is None:
             return
         stats = self.measure(*pseudo)

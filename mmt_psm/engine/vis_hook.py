@@ -46,6 +46,16 @@ class PseudoLabelRecordingHook(HookBase):
             model._last_pseudo = None
             model.record_pseudo_labels = True
 
+    def _take_recorded(self, keep: bool = False):
+        """After a due step: stop recording and return ``(unlabeled, detections)`` (None when the step had no
+        unsupervised losses); the model's reference is dropped unless ``keep`` (a later hook still reads it)."""
+        model = unwrap_model(self.trainer.model)
+        model.record_pseudo_labels = False
+        pseudo = getattr(model, "_last_pseudo", None)
+        if not keep:
+            model._last_pseudo = None
+        return pseudo
+
 
 class PseudoLabelVisHook(PseudoLabelRecordingHook):
     """Every ``period`` iterations (when ``(iter + 1) % period == 0``, like Detectron2's periodic hooks), draw
@@ -80,13 +90,10 @@ class PseudoLabelVisHook(PseudoLabelRecordingHook):
     def after_step(self) -> None:
         if not self._due():
             return
-        model = unwrap_model(self.trainer.model)
-        model.record_pseudo_labels = False
-        pseudo = getattr(model, "_last_pseudo", None)
+        pseudo = self._take_recorded()
         if pseudo is None:
             logger.debug(f"iter {self.trainer.iter}: no unsupervised step, no pseudo-labels to draw")
             return
-        model._last_pseudo = None
         unlabeled, detections = pseudo
         it = self.trainer.iter
         image = draw_pseudo_labels(
