@@ -71,13 +71,11 @@ def update_prototypes(
     prototypes: torch.Tensor, initialized: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float
 ) -> None:
     """In place: ``P_c <- m P_c + (1 - m) mean_c`` for classes seen in this batch; first sight: ``P_c = mean_c``."""
-    seen = counts > 0
-    means = sums[seen] / counts[seen].unsqueeze(1)
-    first = ~initialized[seen]
-    old = prototypes[seen]
-    new = torch.where(first.unsqueeze(1), means, momentum * old + (1.0 - momentum) * means)
-    prototypes[seen] = new.to(prototypes.dtype)
-    initialized[seen] = True
+    seen = counts > 0  # dense masks, no boolean indexing: no host sync
+    means = (sums / counts.clamp(min=1).unsqueeze(1)).to(prototypes.dtype)
+    updated = torch.where(initialized.unsqueeze(1), momentum * prototypes + (1.0 - momentum) * means, means)
+    prototypes.copy_(torch.where(seen.unsqueeze(1), updated, prototypes))
+    initialized |= seen
 
 
 def class_separation_loss(
