@@ -40,7 +40,8 @@ def images_of(model: nn.Module, batched: List[Dict], noise: Optional[Tuple[float
 
 def targets_of(model: nn.Module, batched: List[Dict], shape: Tuple[int, int]) -> Optional[torch.Tensor]:
     """(N, H, W) label maps padded with the ignore value (images without ``sem_seg`` all ignore); None when no
-    dict has one."""
+    dict has one. ``shape`` is the WHOLE batch's padded size (labeled + weak images share one forward), which
+    ``ImageList.from_tensors`` on this subset alone would not give when image sizes differ."""
     ignore = model.sem_seg_head.ignore_value
     if not any("sem_seg" in d for d in batched):
         return None
