@@ -23,6 +23,7 @@ setup(
         "fvcore>=0.1.5,<0.1.6",
         "h5py",
         "scikit-image",
+        "scikit-learn",  # KMeans for PSM pseudo-masks
         "medpy",  # 3D Dice / HD95 the way SSL4MIS computes them (medpy.metric.binary)
     ],
     extras_require={"dev": ["pytest", "ruff"]},
