@@ -21,6 +21,10 @@ def add_mmt_psm_config(cfg: CN) -> None:
     # Intensity augmentation of labeled images (multiplicative factors sampled uniformly in [1-x, 1+x]).
     _C.INPUT.BRIGHTNESS = 0.0
     _C.INPUT.CONTRAST = 0.0
+    # The authors' labeled augmentation adds hue jitter U(-x, x) turns and random erasing (attempts kept with
+    # probability ERASE_PROB, patch geometry MODEL.MMT_PSM.ERASE_*): their values are 0.05 and 0.7; 0 = off.
+    _C.INPUT.HUE = 0.0
+    _C.INPUT.ERASE_PROB = 0.0
     # Unlabeled training sets (names registered in DatasetCatalog); empty = supervised training.
     _C.DATASETS.TRAIN_UNLABELED = ()
     # Optional split file (tools/make_splits.py): restricts DATASETS.TRAIN to its labeled ids and adds the
@@ -74,7 +78,17 @@ def add_mmt_psm_config(cfg: CN) -> None:
     # Pseudo-labels: the teacher's post-processed detections on view 0; masks > MASK_THRESHOLD form M.
     _C.MODEL.MMT_PSM.PSEUDO_SCORE_THRESH = 0.05
     _C.MODEL.MMT_PSM.MASK_THRESHOLD = 0.5
+    # Switches beyond the paper (off = the paper's method; see mmt_psm/modeling/view_ensemble.py):
+    # one threshold per class instead of PSEUDO_SCORE_THRESH (empty = not used);
+    _C.MODEL.MMT_PSM.PSEUDO_SCORE_THRESH_PER_CLASS = ()
+    # foreground map M = "union" of the pseudo masks, or their "sum" (the authors' integral_mask);
+    _C.MODEL.MMT_PSM.FG_MAP = "union"
+    # pseudo-labels fused over every teacher view (weighted box fusion at FUSE_IOU) instead of view 0 alone;
     _C.MODEL.MMT_PSM.FUSE_ALL_VIEWS = False
+    _C.MODEL.MMT_PSM.FUSE_IOU = 0.55
+    # the student's mask head learns the teacher's view-ensembled masks on the PSM positives (soft BCE).
+    _C.MODEL.MMT_PSM.MASK_DISTILL = False
+    _C.MODEL.MMT_PSM.MASK_DISTILL_WEIGHT = 1.0
     # Proposals sampled per unlabeled image and their positive fraction; IoU to a pseudo box for foreground.
     _C.MODEL.MMT_PSM.PROPOSAL_BATCH_SIZE = 512
     _C.MODEL.MMT_PSM.PROPOSAL_POSITIVE_FRACTION = 0.25

@@ -23,7 +23,9 @@ around a random instance's centre); then Detectron2's ``detection_utils.build_au
 ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN)`` and the flip of ``INPUT.RANDOM_FLIP`` ("horizontal",
 "vertical" or "none", as in Detectron2); an independent random vertical flip when ``INPUT.VERTICAL_FLIP`` (not
 added when RANDOM_FLIP is already "vertical"); ``RandomBrightness``/``RandomContrast`` with factors uniform in
-[1-x, 1+x] (``INPUT.BRIGHTNESS``/``INPUT.CONTRAST``; 0 = off). Test mode: the whole image resized by
+[1-x, 1+x] (``INPUT.BRIGHTNESS``/``INPUT.CONTRAST``; 0 = off); hue jitter ``INPUT.HUE`` and random erasing
+``INPUT.ERASE_PROB`` (patch geometry ``MODEL.MMT_PSM.ERASE_*``), the authors' labeled augmentation
+(:mod:`.photometric`; 0 = off). Test mode: the whole image resized by
 ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; annotations are dropped.
 """
 from __future__ import annotations
@@ -42,6 +44,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode, polygons_to_bitmask
 from detectron2.utils.file_io import PathManager
 from pycocotools import mask as mask_util
+
+from .photometric import RandomErasing, RandomHue
 
 __all__ = ["CellDatasetMapper", "read_image_checked"]
 
@@ -126,6 +130,11 @@ class CellDatasetMapper:
                 augs.append(T.RandomBrightness(1.0 - bright, 1.0 + bright))
             if contrast > 0:
                 augs.append(T.RandomContrast(1.0 - contrast, 1.0 + contrast))
+            if cfg.INPUT.get("HUE", 0.0) > 0:
+                augs.append(RandomHue(cfg.INPUT.HUE, cfg.INPUT.FORMAT))
+            if cfg.INPUT.get("ERASE_PROB", 0.0) > 0:
+                m = cfg.MODEL.MMT_PSM
+                augs.append(RandomErasing(cfg.INPUT.ERASE_PROB, m.ERASE_MAX_PATCHES, m.ERASE_AREA, m.ERASE_ASPECT))
         crop = None
         if is_train and cfg.INPUT.CROP.ENABLED:
             crop = T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)

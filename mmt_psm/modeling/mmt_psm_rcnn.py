@@ -16,14 +16,15 @@ from typing import Dict, List, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .distill_losses import FeatureAdaptors, mask_guided_feature_loss, psm_distillation_loss
-from .pseudo_labels import foreground_map, label_and_sample, pseudo_targets, training_topk
+from .pseudo_labels import filter_by_score, foreground_map, label_and_sample, pseudo_targets, training_topk
 from .sensitivity import mine_negatives, proposal_sensitivity
 from .teacher_student import TeacherStudentMixin, ramp_config
+from .view_ensemble import fuse_view_detections, mask_distillation_loss, teacher_view_masks
 from .views import flip_feature_map, level_width
 
 __all__ = ["MMTPSMRCNN"]
@@ -61,6 +62,11 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         proposal_positive_fraction: float,
         proposal_iou: float,
         student_box_dropout: float,
+        fg_map_mode: str = "union",
+        fuse_all_views: bool = False,
+        fuse_iou: float = 0.55,
+        mask_distill: bool = False,
+        mask_distill_weight: float = 1.0,
         eval_with: str = "teacher",
     ):
         super().__init__()
@@ -83,7 +89,15 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         self.psm_loss, self.psm_weight, self.sharpen_t = psm_loss, psm_weight, sharpen_t
         self.mining, self.negative_ratio, self.negative_weight = mining, negative_ratio, negative_weight
         self.mgd_loss, self.mgd_weight, self.mgd_use_mask = mgd_loss, mgd_weight, mgd_use_mask
-        self.mask_threshold, self.pseudo_score_thresh = mask_threshold, pseudo_score_thresh
+        thresholds = tuple(pseudo_score_thresh) if isinstance(pseudo_score_thresh, (tuple, list)) else (
+            float(pseudo_score_thresh),)
+        if len(thresholds) not in (1, num_classes):
+            raise ValueError(f"{len(thresholds)} pseudo-label score thresholds for {num_classes} classes")
+        self.mask_threshold, self.pseudo_score_thresh = mask_threshold, thresholds
+        self.fg_map_mode, self.fuse_all_views, self.fuse_iou = fg_map_mode, fuse_all_views, fuse_iou
+        self.mask_distill, self.mask_distill_weight = mask_distill, mask_distill_weight
+        if mask_distill and not getattr(student.roi_heads, "mask_on", False):
+            raise ValueError("MODEL.MMT_PSM.MASK_DISTILL needs a student with a mask head (MODEL.MASK_ON True)")
         self.proposal_batch_size, self.proposal_positive_fraction = proposal_batch_size, proposal_positive_fraction
         self.proposal_iou = proposal_iou
         # set by PseudoLabelVisHook for the steps it draws: keep (unlabeled dicts, detections) in _last_pseudo
@@ -122,11 +136,16 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             "mgd_weight": m.MGD_WEIGHT,
             "mgd_use_mask": m.MGD_USE_MASK,
             "mask_threshold": m.MASK_THRESHOLD,
-            "pseudo_score_thresh": m.PSEUDO_SCORE_THRESH,
+            "pseudo_score_thresh": tuple(m.PSEUDO_SCORE_THRESH_PER_CLASS) or m.PSEUDO_SCORE_THRESH,
             "proposal_batch_size": m.PROPOSAL_BATCH_SIZE,
             "proposal_positive_fraction": m.PROPOSAL_POSITIVE_FRACTION,
             "proposal_iou": m.PROPOSAL_IOU,
             "student_box_dropout": m.STUDENT_BOX_DROPOUT,
+            "fg_map_mode": m.FG_MAP,
+            "fuse_all_views": m.FUSE_ALL_VIEWS,
+            "fuse_iou": m.FUSE_IOU,
+            "mask_distill": m.MASK_DISTILL,
+            "mask_distill_weight": m.MASK_DISTILL_WEIGHT,
         }
 
     # ------------------------------------------------------------------ teacher-student interface
@@ -153,13 +172,17 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         storage = get_event_storage()
         weight = self.loss_weight(storage.iter)
         storage.put_scalar("mmt_psm/unsup_weight", weight, smoothing_hint=False)
-        if unlabeled and storage.iter >= self.burn_in and (self.psm_loss or self.mgd_loss):
+        if unlabeled and storage.iter >= self.burn_in and (self.psm_loss or self.mgd_loss or self.mask_distill):
             unsup = self.unsupervised_losses(unlabeled)
         else:  # touch the adaptors so DDP sees the same parameters used on every rank and iteration
             zero = sum(p.sum() for p in self.adaptors_student.parameters()) * 0.0
             unsup = {"loss_psm": zero, "loss_mgd": zero}
         losses["loss_psm"] = unsup["loss_psm"] * (weight * self.psm_weight)
         losses["loss_mgd"] = unsup["loss_mgd"] * (weight * self.mgd_weight)
+        if self.mask_distill:
+            if "loss_mask_distill" not in unsup:  # burn-in: touch the student's mask head for DDP
+                unsup["loss_mask_distill"] = sum(p.sum() for p in self.student.roi_heads.mask_head.parameters()) * 0.0
+            losses["loss_mask_distill"] = unsup["loss_mask_distill"] * (weight * self.mask_distill_weight)
         return losses
 
     def _images(self, tensors: List[torch.Tensor]) -> ImageList:
@@ -179,8 +202,31 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             k: flip_feature_map(v, [level_width(w, self.strides[k]) for w in widths]) for k, v in feats.items()
         }
 
+    def _teacher_detections(self, t_images: List[ImageList], t_feats: List[Dict], proposals, flipped: List[bool]):
+        """Pseudo-labels: the teacher's post-processed detections on view 0, or fused over every view
+        (FUSE_ALL_VIEWS; each view scores view 0's proposals mapped into it), then the score thresholds."""
+        if not self.fuse_all_views:
+            detections, _ = self.teacher.roi_heads(t_images[0], t_feats[0], proposals)
+        else:
+            per_view = []
+            for v, (images, feats) in enumerate(zip(t_images, t_feats)):
+                props = proposals
+                if flipped[v]:
+                    props = [_flip_proposals(p, w) for p, (_, w) in zip(proposals, images.image_sizes)]
+                per_view.append(self.teacher.roi_heads(images, feats, props)[0])
+            max_dets = self.teacher.roi_heads.box_predictor.test_topk_per_image
+            detections = [
+                fuse_view_detections([dets[i] for dets in per_view], flipped, self.fuse_iou, max_dets)
+                for i in range(len(proposals))
+            ]
+        return filter_by_score(detections, self.pseudo_score_thresh)
+
+    def _mask_logits(self, model: nn.Module, features: Dict[str, torch.Tensor], boxes) -> torch.Tensor:
+        heads = model.roi_heads
+        return heads.mask_head.layers(heads.mask_pooler([features[f] for f in heads.mask_in_features], boxes))
+
     def unsupervised_losses(self, unlabeled: List[Dict]) -> Dict[str, torch.Tensor]:
-        """loss_psm and loss_mgd (unweighted) on a batch of unlabeled view dicts."""
+        """loss_psm, loss_mgd (and loss_mask_distill when switched on), unweighted, on unlabeled view dicts."""
         storage = get_event_storage()
         n_views = len(unlabeled[0]["teacher_views"])
         if self.mining and n_views < 2:
@@ -192,34 +238,41 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
                 "a flipped student view is not supported: proposals and the foreground map are in the teacher "
                 "view 0 frame; build unlabeled views with student_flip=False"
             )
+        flipped = []
+        for v in range(n_views):
+            f = {d["teacher_transforms"][v].hflip for d in unlabeled}
+            if len(f) != 1:
+                raise ValueError("teacher view v must be flipped in all images of a batch or in none")
+            flipped.append(f.pop())
         with torch.no_grad():
-            # (2) pseudo-labels and foreground map from teacher view 0; (3) training-mode proposals
+            # (2) pseudo-labels and foreground map; (3) training-mode proposals from teacher view 0
             t_images = [self._images([d["teacher_views"][v] for d in unlabeled]) for v in range(n_views)]
-            t_feats0 = self.teacher.backbone(t_images[0].tensor)
+            t_feats = [self.teacher.backbone(im.tensor) for im in t_images]
             with training_topk(self.teacher.proposal_generator):
-                proposals, _ = self.teacher.proposal_generator(t_images[0], t_feats0)
-            detections, _ = self.teacher.roi_heads(t_images[0], t_feats0, proposals)
-            detections = [d[d.scores >= self.pseudo_score_thresh] for d in detections]
-            fg = foreground_map(detections, t_images[0], self.mask_threshold)
+                proposals, _ = self.teacher.proposal_generator(t_images[0], t_feats[0])
+            detections = self._teacher_detections(t_images, t_feats, proposals, flipped)
+            fg = foreground_map(detections, t_images[0], self.mask_threshold, self.fg_map_mode)
             boxes, labels = label_and_sample(
                 proposals, pseudo_targets(detections), self.num_classes, self.proposal_iou,
                 self.proposal_batch_size, self.proposal_positive_fraction,
             )
             widths = [w for _, w in t_images[0].image_sizes]
-            view_logits, t_adapted = [], []
+            pos_boxes = [b[lab != self.num_classes] for b, lab in zip(boxes, labels)]
+            pos_labels = torch.cat([lab[lab != self.num_classes] for lab in labels])
+            view_logits, t_adapted, t_masks = [], [], []
             for v in range(n_views):
-                feats = t_feats0 if v == 0 else self.teacher.backbone(t_images[v].tensor)
-                flipped = [d["teacher_transforms"][v].hflip for d in unlabeled]
-                if len(set(flipped)) != 1:
-                    raise ValueError("teacher view v must be flipped in all images of a batch or in none")
-                v_boxes = boxes
-                if flipped[0]:
+                v_boxes, v_pos = boxes, pos_boxes
+                if flipped[v]:
                     v_boxes = [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, boxes)]
-                view_logits.append(self._box_logits(self.teacher, feats, v_boxes))
+                    v_pos = [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, pos_boxes)]
+                view_logits.append(self._box_logits(self.teacher, t_feats[v], v_boxes))
+                if self.mask_distill:
+                    t_masks.append(self._mask_logits(self.teacher, t_feats[v], v_pos))
                 if self.mgd_loss:
-                    adapted = self.adaptors_teacher({f: feats[f] for f in self.mgd_features})
-                    t_adapted.append(self._flip_back(adapted, widths) if flipped[0] else adapted)
+                    adapted = self.adaptors_teacher({f: t_feats[v][f] for f in self.mgd_features})
+                    t_adapted.append(self._flip_back(adapted, widths) if flipped[v] else adapted)
             mean_logits, sensitivity = proposal_sensitivity(torch.stack(view_logits))
+            mask_targets = teacher_view_masks(t_masks, pos_labels, flipped) if self.mask_distill else None
             labels = torch.cat(labels)
             is_pos = labels != self.num_classes
             if self.mining:
@@ -241,15 +294,21 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             out["loss_mgd"] = torch.stack(
                 [mask_guided_feature_loss(s_adapted, t, fg, use_mask=self.mgd_use_mask) for t in t_adapted]
             ).mean()
+        stats = [is_pos.sum().float(), (keep & ~is_pos).sum().float(), fg.clamp(max=1).mean().float(),
+                 out["loss_psm"].detach().float(), out["loss_mgd"].detach().float()]
+        if self.mask_distill:
+            s_masks = self._mask_logits(self.student, s_feats, pos_boxes)
+            out["loss_mask_distill"] = mask_distillation_loss(s_masks, pos_labels, mask_targets)
+            stats.append(out["loss_mask_distill"].detach().float())
         n_img = len(unlabeled)
         # one device->host copy for all logged statistics
-        positives, mined, fg_fraction, psm_raw, mgd_raw = torch.stack(
-            [is_pos.sum().float(), (keep & ~is_pos).sum().float(), fg.mean().float(),
-             out["loss_psm"].detach().float(), out["loss_mgd"].detach().float()]
-        ).tolist()
+        stats = torch.stack(stats).tolist()
+        positives, mined, fg_fraction, psm_raw, mgd_raw = stats[:5]
         # unweighted losses, beside the weighted loss_psm / loss_mgd that Detectron2 logs
         storage.put_scalar("mmt_psm/loss_psm_raw", psm_raw)
         storage.put_scalar("mmt_psm/loss_mgd_raw", mgd_raw)
+        if self.mask_distill:
+            storage.put_scalar("mmt_psm/loss_mask_distill_raw", stats[5])
         storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
         storage.put_scalar("mmt_psm/positives_per_image", positives / n_img)
         storage.put_scalar("mmt_psm/mined_negatives_per_image", mined / n_img)
@@ -257,3 +316,12 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         if self.record_pseudo_labels:
             self._last_pseudo = (unlabeled, detections)
         return out
+
+
+def _flip_proposals(props: Instances, width: int) -> Instances:
+    """Proposals of view 0 in its h-flipped view (objectness unchanged)."""
+    out = Instances(props.image_size)
+    b = props.proposal_boxes.tensor
+    out.proposal_boxes = Boxes(torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1))
+    out.objectness_logits = props.objectness_logits
+    return out

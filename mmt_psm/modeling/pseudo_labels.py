@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from detectron2.layers import paste_masks_in_image
@@ -24,18 +24,34 @@ def training_topk(rpn: RPN) -> Iterator[None]:
         rpn.pre_nms_topk, rpn.post_nms_topk = pre, post
 
 
+def filter_by_score(detections: List[Instances], thresholds: Sequence[float]) -> List[Instances]:
+    """Keep detections scoring >= their class's threshold (one value = every class)."""
+    out = []
+    for det in detections:
+        if len(thresholds) == 1:
+            out.append(det[det.scores >= float(thresholds[0])])
+            continue
+        thr = det.scores.new_tensor([float(t) for t in thresholds])
+        out.append(det[det.scores >= thr[det.pred_classes]])
+    return out
+
+
 def foreground_map(
-    detections: List[Instances], images: ImageList, mask_threshold: float = 0.5
+    detections: List[Instances], images: ImageList, mask_threshold: float = 0.5, mode: str = "union"
 ) -> torch.Tensor:
-    """Union of the detections' pasted masks (prob > threshold) as a ``[B, 1, H, W]`` float map on the padded
-    batch (zeros in the padding and for images without detections)."""
+    """The detections' pasted masks (prob > threshold) as a ``[B, 1, H, W]`` float map on the padded batch
+    (zeros in the padding and for images without detections): their union (``mode="union"``, {0, 1}) or their
+    sum (``"sum"``, the authors' ``integral_mask``: overlapping cells count once each, so after the per-level
+    average pooling a cell boundary region where two cells overlap passes the 0.5 threshold more easily)."""
+    if mode not in ("union", "sum"):
+        raise ValueError(f"foreground map mode must be 'union' or 'sum', got {mode!r}")
     b, _, h, w = images.tensor.shape
     fg = images.tensor.new_zeros((b, 1, h, w), dtype=torch.float32)
     for i, (det, (ih, iw)) in enumerate(zip(detections, images.image_sizes)):
         if len(det) == 0 or not det.has("pred_masks"):
             continue
         masks = paste_masks_in_image(det.pred_masks[:, 0], det.pred_boxes, (ih, iw), threshold=mask_threshold)
-        fg[i, 0, :ih, :iw] = masks.any(dim=0).float()
+        fg[i, 0, :ih, :iw] = masks.any(dim=0).float() if mode == "union" else masks.float().sum(dim=0)
     return fg
 
 
