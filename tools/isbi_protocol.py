@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Run the ISBI 2015 label-efficiency protocol (every arm x seed), resumably, and write a mean +- std table.
+
+    python tools/isbi_protocol.py --seeds 1 2 12 --jobs 2                # every default arm
+    python tools/isbi_protocol.py --arms supervised_n2 mmt_psm --seeds 1 --report-only
+
+Every arm starts from the same weights (``--weights``, default: the shared pre-training on the 45 ISBI 2014
+synthetic images, ``configs/cpu/pretrain_synth45.yaml``, trained first if missing) and uses the SAME
+meta-architecture (``MMTPSMRCNN``), schedule, labeled stream (``SEED``/``DATALOADER.STREAM_SEED`` = the seed)
+and student box-head dropout; they differ only in what the protocol compares:
+
+* ``supervised_n2``: the seed's 2 labeled frames (``datasets/splits/isbi2015_train_n2_seed<S>.json``), no
+  unlabeled stream. Its student is plain supervised training; its teacher is the student's EMA (the control
+  that separates "EMA weights" from "unlabeled data").
+* ``mean_teacher``: + the other 4 train frames and the 4 EDF images unlabeled, plain Mean Teacher switches.
+* ``mmt_psm``: the paper's method (``configs/mmt_psm_R50.yaml`` switches).
+* ``mmt_psm_plus``: + the switches of ``configs/mmt_psm_plus_R50.yaml`` (``PLUS`` below).
+* ``supervised_n6``: all 6 labeled frames (upper bound), no unlabeled stream.
+* ablations (run when named): ``mmt_psm_mask_distill``, ``mmt_psm_fuse``, ``mmt_psm_fg_sum``,
+  ``mmt_psm_labeled_aug`` (the paper's method + one switch each).
+
+A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
+continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
+(all, per class) and cell AJI / F1 / Dice per class, mean +- std over seeds, of the teacher and the student.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "configs", "cpu", "protocol.yaml")
+PRETRAIN = os.path.join(ROOT, "configs", "cpu", "pretrain_synth45.yaml")
+SPLIT = "datasets/splits/isbi2015_train_n2_seed{s}.json"
+UNLABELED = {"DATASETS.TRAIN_UNLABELED": "('isbi2015_unlabeled',)", "SEMI.IMS_PER_BATCH_UNLABELED": "2"}
+SUPERVISED = {"DATASETS.TRAIN_UNLABELED": "()", "SEMI.IMS_PER_BATCH_UNLABELED": "0"}
+MEAN_TEACHER = {"MODEL.MMT_PSM.NUM_TEACHER_COPIES": "1", "MODEL.MMT_PSM.TEACHER_FLIP": "False",
+                "MODEL.MMT_PSM.MINING": "False", "MODEL.MMT_PSM.MGD_USE_MASK": "False"}
+PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True"}
+ARMS: Dict[str, Dict[str, str]] = {
+    "supervised_n2": {"DATASETS.SPLIT_FILE": SPLIT, **SUPERVISED},
+    "mean_teacher": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **MEAN_TEACHER},
+    "mmt_psm": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED},
+    "mmt_psm_plus": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS},
+    "supervised_n6": {"DATASETS.SPLIT_FILE": "''", **SUPERVISED},
+    # ablations: the paper's method + one switch
+    "mmt_psm_mask_distill": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.MASK_DISTILL": "True"},
+    "mmt_psm_fuse": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True"},
+    "mmt_psm_fg_sum": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.FG_MAP": "sum"},
+    "mmt_psm_labeled_aug": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "INPUT.HUE": "0.05",
+                            "INPUT.ERASE_PROB": "0.7", "INPUT.BRIGHTNESS": "0.15", "INPUT.CONTRAST": "0.15"},
+}
+DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus", "supervised_n6"]
+METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
+           "cell/F1-cytoplasm", "cell/F1-nucleus", "cell/Dice-cytoplasm", "cell/Dice-nucleus"]
+
+
+def final_results(run_dir: str) -> Optional[Dict[str, float]]:
+    """Metrics (``task/metric`` keys, teacher and ``*_student``) of the evaluation at the run's LAST iteration,
+    from ``metrics.json``; None while the run has not finished (an intermediate evaluation does not count)."""
+    path, config = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
+    if not (os.path.isfile(path) and os.path.isfile(config)):
+        return None
+    import yaml
+
+    with open(config) as f:
+        last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"]) - 1
+    found: Dict[str, float] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("iteration", -1) >= last_iter and any(k.startswith("segm") for k in rec):
+                found.update({k: v for k, v in rec.items() if "/" in k})
+    return found or None
+
+
+def ensure_pretrained(args: argparse.Namespace) -> str:
+    """The shared start's weights; trains ``configs/cpu/pretrain_synth45.yaml`` first when they are missing."""
+    if args.weights:
+        if not os.path.isfile(args.weights):
+            raise FileNotFoundError(f"--weights {args.weights} does not exist")
+        return args.weights
+    run_dir = os.path.join(args.out, "pretrain_synth45")
+    weights = os.path.join(run_dir, "model_final.pth")
+    if not os.path.isfile(weights):
+        print(f"[start] shared pre-training -> {run_dir}", flush=True)
+        _call([PRETRAIN, "OUTPUT_DIR", run_dir], run_dir, args)
+    return weights
+
+
+def _call(config_and_opts: List[str], run_dir: str, args: argparse.Namespace) -> None:
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", *config_and_opts[:1],
+           "--resume", *config_and_opts[1:], *args.opts]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
+        log.write("$ " + " ".join(cmd[1:]) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:4])} failed (exit {rc}); see {run_dir}/stdout.txt")
+
+
+def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace) -> Dict[str, float]:
+    """Train + evaluate one arm/seed unless already finished; returns its final metrics."""
+    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
+    done = final_results(run_dir)
+    if done is not None:
+        print(f"[skip] {arm} seed {seed}: finished earlier ({run_dir})", flush=True)
+        return done
+    if args.report_only:
+        raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}")
+    opts = ["OUTPUT_DIR", run_dir, "SEED", str(seed), "DATALOADER.STREAM_SEED", str(seed), "MODEL.WEIGHTS", weights]
+    for k, v in ARMS[arm].items():
+        opts += [k, v.format(s=seed)]
+    print(f"[start] {arm} seed {seed}", flush=True)
+    t0 = time.time()
+    _call([BASE, *opts], run_dir, args)
+    res = final_results(run_dir)
+    if res is None:
+        raise RuntimeError(f"{arm} seed {seed}: no final evaluation in {run_dir}/metrics.json")
+    print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f} s: segm AP {res.get('segm/AP', float('nan')):.1f}, "
+          f"AP-cytoplasm {res.get('segm/AP-cytoplasm', float('nan')):.1f}", flush=True)
+    return res
+
+
+def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
+    """``{arm (teacher|student): {metric: [mean, std, n]}}`` over the seeds that finished."""
+    table = {}
+    for arm, by_seed in results.items():
+        for model, suffix in (("teacher", ""), ("student", "_student")):
+            keys = {m: m.replace("/", f"{suffix}/", 1) for m in METRICS}
+            if not by_seed or not all(keys["segm/AP"] in r for r in by_seed.values()):
+                continue
+            row = {}
+            for m, key in keys.items():
+                vals = np.array([r.get(key, np.nan) for r in by_seed.values()], dtype=float)
+                row[m] = [float(vals.mean()), float(vals.std()), int(vals.size)]
+            table[f"{arm} ({model})"] = row
+    return table
+
+
+def markdown(table: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
+    """A markdown table in %: mean +- std over seeds (population std)."""
+    head = "| arm | n | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
+    rows = []
+    for arm, row in table.items():
+        n = row["segm/AP"][2]
+        rows.append(f"| {arm} | {n} | " + " | ".join(f"{row[m][0]:.1f} +- {row[m][1]:.1f}" for m in METRICS) + " |")
+    return head + "\n".join(rows) + f"\n\nseeds: {seeds}; all values in %.\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run (or collect) every arm x seed and write the tables."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 12])
+    p.add_argument("--weights", default="", help="shared start of every arm (default: pre-train on synth45)")
+    p.add_argument("--out", default=os.path.join(ROOT, "output", "isbi_protocol"))
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
+    args = p.parse_args(argv)
+    for s in args.seeds:
+        if not os.path.isfile(os.path.join(ROOT, SPLIT.format(s=s))):
+            p.error(f"no split file {SPLIT.format(s=s)}: python tools/make_splits.py --dataset isbi2015_train "
+                    f"--count 2 --seed {s} --out {SPLIT.format(s=s)}")
+    weights = "" if args.report_only else ensure_pretrained(args)
+    jobs = [(a, s) for s in args.seeds for a in args.arms]  # seed-major: a whole seed before the next
+    print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
+    results: Dict[str, Dict[int, Dict[str, float]]] = {}
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {(a, s): pool.submit(run_one, a, s, weights, args) for a, s in jobs}
+        for (a, s), fut in futures.items():
+            try:
+                results.setdefault(a, {})[s] = fut.result()
+            except (RuntimeError, FileNotFoundError) as e:
+                failures.append(str(e))
+                print(f"[fail] {e}", flush=True)
+    table = summarize(results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"seeds": args.seeds, "table": table, "runs": results, "failures": failures}, f, indent=1)
+    text = markdown(table, args.seeds)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
