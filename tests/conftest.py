@@ -14,6 +14,8 @@ def trained_mmt_psm(tmp_path_factory) -> SimpleNamespace:
     checkpoint tests: data sets ``shared_{train,test,unlabeled}``, 6 iterations (burn-in 2, EMA from 1),
     checkpoints after iterations 3 and 6 (``model_0000002.pth``, ``model_final.pth``), ``config.yaml`` as
     train_net writes it. Returns ``cfg``, ``trainer``, ``output_dir`` and ``data_root``."""
+    import torch
+
     from mmt_psm.engine import Trainer
 
     root = tmp_path_factory.mktemp("trained_mmt_psm")
@@ -22,9 +24,22 @@ def trained_mmt_psm(tmp_path_factory) -> SimpleNamespace:
     cfg = tiny_cfg(str(root / "run"), "shared", "MMTPSMRCNN")
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained teacher's low scores still give pseudo-labels
     cfg.freeze()
+    threads = torch.get_num_threads()
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
-    return SimpleNamespace(cfg=cfg, trainer=trainer, output_dir=cfg.OUTPUT_DIR, data_root=data_root)
+    return SimpleNamespace(cfg=cfg, trainer=trainer, output_dir=cfg.OUTPUT_DIR, data_root=data_root, threads=threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLI mains called in-process (tools/psm_*.py) set torch's thread count; give it back after each test, so a
+    later test runs with the session's count (float results, e.g. resume == uninterrupted, depend on it)."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
