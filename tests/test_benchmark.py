@@ -60,3 +60,24 @@ def test_benchmark_json_cpu():
     for part in ("sup_forward", "teacher_backbones", "teacher_detect", "student_unsup", "backward", "ema"):
         assert _positive_finite(parts[part]["median_s"]), part
     assert set(r["profile"]["B"]) == {"forward", "backward", "optimizer", "total"}
+
+
+def test_benchmark_with_trained_weights_adds_variant_t(trained_mmt_psm):
+    """--weights: T = MMT-PSM from the checkpoint (here a 6-iteration MMT-PSM run's), ratios for it and for the
+    random-init A side by side; B and C take the checkpoint's student."""
+    weights = os.path.join(trained_mmt_psm.output_dir, "model_final.pth")
+    r = _run_benchmark("--weights", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    assert set(r["variants"]) == {"A", "T", "B", "C"}
+    t, b = r["variants"]["T"], r["variants"]["B"]
+    assert r["step_time_ratio_same_images_trained"] == t["median_step_s"] / b["median_step_s"]
+    assert _positive_finite(r["step_time_ratio_same_labeled_trained"])
+    assert "mmt_psm/pseudo_labels_per_image" in r["mmt_psm_stats_trained"]
+    assert r["weights"] == weights
+
+
+def test_benchmark_missing_weights_is_an_error():
+    cmd = [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--config-file",
+           os.path.join(REPO, "configs", "quickstart", "mmt_psm.yaml"), "--device", "cpu", "--size", "64",
+           "--iters", "1", "--warmup", "0", "--weights", "/nonexistent/model.pth", *SMALL]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--weights /nonexistent/model.pth does not exist" in proc.stderr

@@ -28,7 +28,7 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
     cfgs = {arm: _arm_cfg(arm) for arm in TOOL["ARMS"]}
     for cfg in cfgs.values():
         assert cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN"
-        assert (cfg.SOLVER.MAX_ITER, cfg.SEMI.BURN_IN_ITERS, cfg.SEMI.IMS_PER_BATCH_LABELED) == (300, 100, 2)
+        assert (cfg.SOLVER.MAX_ITER, cfg.SEMI.BURN_IN_ITERS, cfg.SEMI.IMS_PER_BATCH_LABELED) == (200, 50, 2)
         assert cfg.MODEL.MMT_PSM.STUDENT_BOX_DROPOUT == 0.5
     assert cfgs["supervised_n2"].DATASETS.SPLIT_FILE == "datasets/splits/isbi2015_train_n2_seed2.json"
     assert cfgs["supervised_n2"].SEMI.IMS_PER_BATCH_UNLABELED == 0 and not cfgs["supervised_n6"].DATASETS.SPLIT_FILE

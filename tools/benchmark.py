@@ -34,17 +34,17 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
-from detectron2.structures import BitMasks, Instances
-from detectron2.utils.events import EventStorage
+from detectron2.utils.events import EventStorage, get_event_storage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmt_psm.config import add_mmt_psm_config  # noqa: E402  (importing mmt_psm registers its models)
 from mmt_psm.data.view_mapper import MMTPSMViewMapper  # noqa: E402
 from mmt_psm.modeling import mmt_psm_rcnn as rcnn_module  # noqa: E402
 from mmt_psm.modeling.ema import ema_update_  # noqa: E402
-from mmt_psm.modeling.views import make_unlabeled_views  # noqa: E402
+from mmt_psm.utils.bench_inputs import dataset_dicts, labeled_dict, load_weights, unlabeled_dict  # noqa: E402
 
-NAMES = {"A": "MMT-PSM", "B": "supervised, same images", "C": "supervised, same labeled"}
+NAMES = {"A": "MMT-PSM", "T": "MMT-PSM, trained weights", "B": "supervised, same images",
+         "C": "supervised, same labeled"}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -63,6 +63,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also time the parts of each step (synchronised)")
+    p.add_argument("--weights", default="", help="a trained checkpoint (plain detector or MMT-PSM): adds variant "
+                   "T = MMT-PSM with it as teacher and student (realistic pseudo-label count), B/C load it too")
+    p.add_argument("--dataset", default="", help="take the images from this registered labeled data set "
+                   "(training mappers, config crop/resize; --size/--instances ignored) instead of noise images")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
@@ -82,36 +86,6 @@ def load_cfg(args: argparse.Namespace) -> CfgNode:
         raise ValueError(f"{args.config_file}: MODEL.META_ARCHITECTURE must be MMTPSMRCNN")
     cfg.SOLVER.BASE_LR = args.lr if args.lr is not None else cfg.SOLVER.BASE_LR * cfg.SOLVER.WARMUP_FACTOR
     return cfg
-
-
-def _image_and_masks(rng: np.random.Generator, size: int, n: int) -> tuple:
-    """A gray (channel-replicated) uint8 noise image with ``n`` darker elliptic cells and their bool masks."""
-    gray = rng.integers(150, 256, (size, size), dtype=np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    masks = []
-    for _ in range(n):
-        cy, cx = rng.uniform(0.1, 0.9, 2) * size
-        ry, rx = rng.uniform(0.03, 0.15, 2) * size
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        gray[m] //= 2
-        masks.append(m)
-    return np.repeat(gray[:, :, None], 3, axis=2), np.stack(masks) if masks else np.zeros((0, size, size), bool)
-
-
-def labeled_dict(rng: np.random.Generator, size: int, n: int, num_classes: int) -> Dict[str, Any]:
-    """A dataset dict like the training mapper's: CHW uint8 image + Instances (boxes, classes, bitmasks)."""
-    img, masks = _image_and_masks(rng, size, n)
-    bitmasks = BitMasks(torch.from_numpy(masks))
-    classes = torch.from_numpy(rng.integers(0, num_classes, len(masks))).long()
-    inst = Instances((size, size), gt_boxes=bitmasks.get_bounding_boxes(), gt_classes=classes, gt_masks=bitmasks)
-    image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-    return {"image": image, "instances": inst, "height": size, "width": size, "labeled": True}
-
-
-def unlabeled_dict(rng: np.random.Generator, size: int, view_kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """An unlabeled dict like MMTPSMViewMapper's: teacher/student views of one image."""
-    views = make_unlabeled_views(_image_and_masks(rng, size, 8)[0], rng, **view_kwargs)
-    return {**views, "height": size, "width": size, "labeled": False}
 
 
 class PhaseTimer:
@@ -198,13 +172,17 @@ class Variant:
     ema_decay: float = 0.99
     times: List[float] = field(default_factory=list)
     step_peaks: List[int] = field(default_factory=list)
+    stats: Dict[str, List[float]] = field(default_factory=dict)
     state_bytes: int = 0
 
 
 def build_variant(key: str, cfg: CfgNode, batch: List[Dict], args: argparse.Namespace) -> Variant:
-    """Model (same init seed for all variants), SGD optimizer of the config, GradScaler when ``--amp``."""
+    """Model (same init seed for all variants; ``--weights`` for T, B, C), SGD optimizer of the config,
+    GradScaler when ``--amp``."""
     torch.manual_seed(args.seed)
     model = build_model(cfg).train()
+    if args.weights and key != "A":
+        load_weights(model, args.weights)
     scaler = torch.amp.GradScaler("cuda") if args.amp else None
     return Variant(key, model, build_optimizer(cfg, model), batch, scaler, cfg.SEMI.EMA_DECAY)
 
@@ -281,6 +259,10 @@ def run_rounds(variants: List[Variant], n: int, cuda: bool, record: bool,
             elapsed = time.perf_counter() - start
             if record:
                 v.times.append(elapsed)
+                if hasattr(v.model, "teacher_student_pairs"):  # this step's MMT-PSM statistics, per variant
+                    for k, (val, _) in get_event_storage().latest().items():
+                        if k.startswith("mmt_psm/"):
+                            v.stats.setdefault(k, []).append(val)
                 v.step_peaks += [torch.cuda.max_memory_allocated() - before] if cuda else []
 
 
@@ -303,20 +285,26 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     sup_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     rng = np.random.default_rng(args.seed)
     ncls, view_kwargs = cfg.MODEL.ROI_HEADS.NUM_CLASSES, MMTPSMViewMapper.from_config(cfg)["view_kwargs"]
-    lab = [labeled_dict(rng, args.size, args.instances, ncls) for _ in range(args.labeled + args.unlabeled)]
-    unl = [unlabeled_dict(rng, args.size, view_kwargs) for _ in range(args.unlabeled)]
-    variants = [build_variant("A", cfg, lab[: args.labeled] + unl, args), build_variant("B", sup_cfg, lab, args),
-                build_variant("C", sup_cfg, lab[: args.labeled], args)]
+    if args.dataset:
+        lab, unl = dataset_dicts(cfg, args)
+    else:
+        lab = [labeled_dict(rng, args.size, args.instances, ncls) for _ in range(args.labeled + args.unlabeled)]
+        unl = [unlabeled_dict(rng, args.size, view_kwargs) for _ in range(args.unlabeled)]
+    variants = [build_variant("A", cfg, lab[: args.labeled] + unl, args)]
+    if args.weights:
+        variants.append(build_variant("T", cfg, lab[: args.labeled] + unl, args))
+    variants += [build_variant("B", sup_cfg, lab, args), build_variant("C", sup_cfg, lab[: args.labeled], args)]
     cuda, semi = args.device == "cuda", cfg.SEMI
     it = semi.BURN_IN_ITERS + semi.RAMP_UP_ITERS  # past burn-in (and ramp-up: full unsupervised weight)
     it = it if it <= cfg.SOLVER.MAX_ITER - semi.RAMP_DOWN_ITERS else semi.BURN_IN_ITERS
     out: Dict[str, Any] = {}
-    with EventStorage(start_iter=it) as storage:
+    with EventStorage(start_iter=it):
         run_rounds(variants, args.warmup, cuda, record=False)
         run_rounds(variants, args.iters, cuda, record=True)
         for v in variants:
             v.state_bytes = persistent_bytes(v)  # now with gradients and momentum buffers
-        stats = {k: storage.history(k).median(args.iters) for k in storage.latest() if k.startswith("mmt_psm/")}
+        stats = {k: statistics.median(vals) for k, vals in variants[0].stats.items()}
+        trained = {k: statistics.median(vals) for k, vals in variants[1].stats.items()} if args.weights else {}
         if "mmt_psm/pseudo_labels_per_image" not in stats:
             raise RuntimeError("the MMT-PSM unsupervised path did not run")
         for v in variants if not cuda else []:
@@ -335,6 +323,8 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     out.update({
         "step_time_ratio_same_images": med["A"] / med["B"],
         "step_time_ratio_same_labeled": med["A"] / med["C"],
+        "step_time_ratio_same_images_trained": ratio(med.get("T"), med["B"]),
+        "step_time_ratio_same_labeled_trained": ratio(med.get("T"), med["C"]),
         "peak_mem_ratio_same_images": ratio(peak["A"], peak["B"]),
         "peak_mem_ratio_same_labeled": ratio(peak["A"], peak["C"]),
         "variants": {v.key: {
@@ -344,11 +334,12 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             "persistent_state_bytes": v.state_bytes} for v in variants},
         "peak_mem_method": ("cuda max_memory_allocated per step - allocated before + own persistent state"
                             if cuda else "VmHWM - VmRSS around one step (malloc_trim, clear_refs) + own state"),
-        "mmt_psm_stats": stats, "storage_iter": it,
+        "mmt_psm_stats": stats, "mmt_psm_stats_trained": trained, "storage_iter": it,
         "device": args.device, "device_name": device_name(args.device), "amp": args.amp,
         "torch": torch.__version__, "detectron2": detectron2.__version__, "cuda": torch.version.cuda if cuda else None,
         "python": sys.version.split()[0],
-        "config_file": args.config_file, "opts": args.opts, "size": args.size, "labeled": args.labeled,
+        "config_file": args.config_file, "opts": args.opts, "weights": args.weights,
+        "dataset": args.dataset, "size": args.size, "labeled": args.labeled,
         "unlabeled": args.unlabeled, "instances": args.instances, "iters": args.iters, "warmup": args.warmup,
         "threads": torch.get_num_threads(),
         "lr": cfg.SOLVER.BASE_LR, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -375,10 +366,17 @@ def format_report(r: Dict[str, Any]) -> str:
                      f"{v['median_step_s'] * 1e3:7.1f}ms {v['min_step_s'] * 1e3:7.1f}ms "
                      f"{v['max_step_s'] * 1e3:7.1f}ms {gib(v['peak_mem_bytes']):>10}")
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"
+    if r.get("step_time_ratio_same_images_trained") is not None:
+        lines.append(f"trained weights ({r['weights']}): step time  T/B "
+                     f"{fmt(r['step_time_ratio_same_images_trained'])}  T/C "
+                     f"{fmt(r['step_time_ratio_same_labeled_trained'])}")
     lines.append(f"step time  A/B {fmt(r['step_time_ratio_same_images'])}  A/C {fmt(r['step_time_ratio_same_labeled'])}"
                  f" | peak mem  A/B {fmt(r['peak_mem_ratio_same_images'])}  "
                  f"A/C {fmt(r['peak_mem_ratio_same_labeled'])}   ({r['peak_mem_method']})")
     lines.append("MMT-PSM: " + ", ".join(f"{k.split('/')[1]} {v:.1f}" for k, v in r["mmt_psm_stats"].items()))
+    if r.get("mmt_psm_stats_trained"):
+        lines.append("MMT-PSM, trained weights: " + ", ".join(
+            f"{k.split('/')[1]} {v:.1f}" for k, v in r["mmt_psm_stats_trained"].items()))
     for key, parts in r.get("profile", {}).items():
         lines.append(f"profile {key} ({NAMES[key]}), median per part:")
         lines += [f"   {p:22} {d['median_s'] * 1e3:8.1f} ms {d['share'] * 100:5.1f} %" for p, d in parts.items()]
