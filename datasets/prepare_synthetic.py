@@ -25,7 +25,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 
 STAMP_NAME = "synthetic_stamp.json"
 # Bump when the generator changes in a way that changes its output, so stale data sets are rewritten.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: + unlabeled_gt.json (held-back labels of the unlabeled images)
 
 
 def default_out_dir() -> str:
@@ -57,7 +57,8 @@ def _is_up_to_date(out_dir: str, params: Dict[str, Any]) -> bool:
                 return False
     except (OSError, ValueError):
         return False
-    return all(os.path.isfile(os.path.join(out_dir, f"{s}.json")) for s in ("train", "test", "unlabeled"))
+    splits = ("train", "test", "unlabeled", "unlabeled_gt")
+    return all(os.path.isfile(os.path.join(out_dir, f"{s}.json")) for s in splits)
 
 
 def prepare_synthetic(

@@ -70,7 +70,7 @@ def test_per_image_seed_independent_of_split_sizes():
 def test_written_dataset_loads_in_pycocotools_and_matches_generator(tmp_path):
     out = str(tmp_path / "syn")
     paths = write_synthetic_dataset(out, num_train=3, num_test=2, num_unlabeled=2, size=64, seed=5)
-    assert set(paths) == {"train", "test", "unlabeled"}
+    assert set(paths) == {"train", "test", "unlabeled", "unlabeled_gt"}
     for split, count in (("train", 3), ("test", 2)):
         coco = COCO(paths[split])
         assert sorted(c["name"] for c in coco.loadCats(coco.getCatIds())) == ["cytoplasm", "nucleus"]
@@ -91,6 +91,11 @@ def test_written_dataset_loads_in_pycocotools_and_matches_generator(tmp_path):
     with open(paths["unlabeled"]) as f:
         unlabeled = json.load(f)
     assert len(unlabeled["images"]) == 2 and unlabeled["annotations"] == []
+    with open(paths["unlabeled_gt"]) as f:  # the same images, their labels held back for the monitor
+        held_back = json.load(f)
+    assert held_back["images"] == unlabeled["images"]
+    assert {a["image_id"] for a in held_back["annotations"]} == {im["id"] for im in unlabeled["images"]}
+    assert {a["category_id"] for a in held_back["annotations"]} == {1, 2}
     all_ann_ids = [a["id"] for a in COCO(paths["train"]).dataset["annotations"]]
     assert len(set(all_ann_ids)) == len(all_ann_ids)
 
@@ -103,7 +108,7 @@ def test_hundred_images(tmp_path):
     for split, path in paths.items():
         with open(path) as f:
             counts[split] = len(json.load(f)["images"])
-    assert counts == {"train": 50, "test": 25, "unlabeled": 25}
+    assert counts == {"train": 50, "test": 25, "unlabeled": 25, "unlabeled_gt": 25}
     assert len(os.listdir(os.path.join(str(tmp_path), "images"))) == 100
 
 

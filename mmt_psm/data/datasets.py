@@ -90,8 +90,8 @@ def register_all_cervical(root: Optional[str] = None) -> List[str]:
 
 
 def register_all_synthetic(root: Optional[str] = None) -> List[str]:
-    """Register synthetic_{train,test,unlabeled} under ``root`` (default ``<DETECTRON2_DATASETS>/synthetic``,
-    the output of ``datasets/prepare_synthetic.py``); returns the names."""
+    """Register synthetic_{train,test,unlabeled,unlabeled_gt} under ``root`` (default
+    ``<DETECTRON2_DATASETS>/synthetic``, the output of ``datasets/prepare_synthetic.py``); returns the names."""
     root = root if root is not None else os.path.join(datasets_base(), "synthetic")
     names = []
     for split in ("train", "test", "unlabeled"):
@@ -99,7 +99,10 @@ def register_all_synthetic(root: Optional[str] = None) -> List[str]:
         register_cell_coco(name, os.path.join(root, f"{split}.json"), os.path.join(root, "images"),
                            f"{PREPARE_SYNTHETIC} --out {root}", strip_annotations=split == "unlabeled")
         names.append(name)
-    return names
+    # the unlabeled images' labels, held back for the pseudo-label monitor (DATASETS.UNLABELED_GT) only
+    register_cell_coco("synthetic_unlabeled_gt", os.path.join(root, "unlabeled_gt.json"), os.path.join(root, "images"),
+                       f"{PREPARE_SYNTHETIC} --out {root}")
+    return names + ["synthetic_unlabeled_gt"]
 
 
 def register_all(base: Optional[str] = None) -> List[str]:

@@ -172,7 +172,8 @@ def write_synthetic_dataset(
 ) -> Dict[str, str]:
     """Write the synthetic data set (PNGs + train/test/unlabeled COCO JSON) to ``out_dir``.
 
-    Returns ``{split: json_path}``. The image root for all three JSON files is ``out_dir/images``.
+    Returns ``{split: json_path}`` (+ ``unlabeled_gt``: the unlabeled images' held-back annotations, read only
+    by the pseudo-label monitor). The image root for all JSON files is ``out_dir/images``.
     """
     counts = {"train": num_train, "test": num_test, "unlabeled": num_unlabeled}
     image_dir = os.path.join(out_dir, "images")
@@ -180,7 +181,7 @@ def write_synthetic_dataset(
     info = {"description": "mmt_psm synthetic overlapping cells", "size": size, "seed": seed}
     paths: Dict[str, str] = {}
     for split, count in counts.items():
-        images, anns = [], []
+        images, anns, held_back = [], [], []
         for i in range(count):
             sample = generate_sample(sample_rng(seed, split, i), height=size, width=size)
             file_name = f"{split}_{i}.png"
@@ -188,9 +189,12 @@ def write_synthetic_dataset(
                 raise OSError(f"could not write {os.path.join(image_dir, file_name)}")
             image_id = image_id_for(split, i)
             images.append(image_record(image_id, file_name, size, size))
-            if split != "unlabeled":
-                anns += masks_to_annotations(sample.cytoplasm, 1, image_id, len(anns) + 1)
-                anns += masks_to_annotations(sample.nuclei, 2, image_id, len(anns) + 1)
+            target = held_back if split == "unlabeled" else anns
+            target += masks_to_annotations(sample.cytoplasm, 1, image_id, len(target) + 1)
+            target += masks_to_annotations(sample.nuclei, 2, image_id, len(target) + 1)
         paths[split] = os.path.join(out_dir, f"{split}.json")
         write_coco_json(paths[split], images, anns, info=dict(info, split=split))
+        if split == "unlabeled":
+            paths["unlabeled_gt"] = os.path.join(out_dir, "unlabeled_gt.json")
+            write_coco_json(paths["unlabeled_gt"], images, held_back, info=dict(info, split="unlabeled_gt"))
     return paths
