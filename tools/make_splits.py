@@ -68,7 +68,8 @@ def patient_split(args: argparse.Namespace) -> None:
     """Write a seeded patient split of the prepared folder ``args.patients``."""
     import json
 
-    from mmt_psm.data.acdc import make_patient_split, write_json
+    from mmt_psm.data.acdc import make_patient_split
+    from mmt_psm.utils.atomic import write_json
 
     index_file = os.path.join(args.patients, "index.json")
     if not os.path.isfile(index_file):

@@ -26,6 +26,8 @@ from typing import Any, Dict, Optional, Sequence
 import cv2
 import numpy as np
 
+from ..utils.atomic import write_json
+
 ACDC_CLASSES = ["background", "RV", "Myo", "LV"]
 IGNORE_VALUE = 255
 SCRIBBLE_UNANNOTATED = 4
@@ -130,14 +132,6 @@ def convert_acdc(source: str, out: str, seeds: Sequence[int] = (1, 2, 3), num_la
         split = make_patient_split(patients, num_labeled, seed)
         write_json(os.path.join(out, "splits", f"p{num_labeled}_seed{seed}.json"), split)
     return index
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def make_patient_split(

@@ -17,6 +17,8 @@ import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..utils.atomic import write_json
+
 SPLIT_KEYS = ("dataset", "seed", "count", "percent", "labeled_ids", "unlabeled_ids")
 
 
@@ -60,11 +62,8 @@ def make_split(
 
 
 def write_split(path: str, split: Dict[str, Any]) -> None:
-    """Write a split record as indented JSON (small, diff-friendly, committed to the repo)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({k: split[k] for k in SPLIT_KEYS}, f, indent=1)
-        f.write("\n")
+    """Write a split record as indented JSON (small, diff-friendly, committed to the repo), atomically."""
+    write_json(path, {k: split[k] for k in SPLIT_KEYS})
 
 
 def load_split(path: str) -> Dict[str, Any]:
