@@ -12,6 +12,14 @@ Stages: (1-2) self-supervised net + self-activation maps, (3) k-means pseudo mas
 interruption. ``--train-gt`` only scores the labels (logged, label_quality.json); ``--test`` metrics are written
 when the test set has instance maps. Trailing ``KEY VALUE`` overrides go to every stage and to train_net.
 Output: OUT/labels (label folder), OUT/detection, OUT/segmentation (train_net dirs), OUT/predictions.
+
+Supervised upper bound (``--supervised``, needs ``--train-gt``; use an OUT of its own): stages 1-3 and 5 are
+replaced by ``psm_stage.py supervised-labels`` (pseudo mask and Voronoi labels = the GT foreground, borders of
+touching nuclei background, no ignore); stages 4 and 6, their configs, iterations, stage-4 initialisation of
+stage 6 and the prediction/evaluation are PSM's own, so only the labels differ. ``--seg-from-scratch`` trains
+stage 6 alone:
+    python tools/psm_pipeline.py --supervised --images monuseg_train --train-gt monuseg_train_labels_for_eval \
+        --test monuseg_test --out output/psm_monuseg_supervised
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from mmt_psm.engine.psm_stages import (
     resolve_images,
     run_activation,
     run_pseudo_masks,
+    run_supervised_labels,
     run_voronoi,
     update_index,
 )
@@ -72,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--det-iters", type=int, default=300, help="stage-4 iterations")
     p.add_argument("--seg-iters", type=int, default=300, help="stage-6 iterations")
     p.add_argument("--seg-from-scratch", action="store_true", help="stage 6 not initialised from stage 4")
+    p.add_argument("--supervised", action="store_true",
+                   help="upper bound: train stages 4 and 6 on --train-gt's labels instead of PSM's")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -80,6 +91,8 @@ def main(argv=None) -> int:
     seg_cfg_file = os.path.join(a.config_dir, "segmentation.yaml")
     cfg = load_psm_cfg(det_cfg_file, a.opts)
     labels = os.path.join(a.out, "labels")
+    if a.supervised and not a.train_gt:
+        p.error("--supervised needs --train-gt (the instance maps it trains on)")
     images = resolve_images(a.images, a.train_gt)
     timings = {}
 
@@ -87,18 +100,25 @@ def main(argv=None) -> int:
         timings[name] = round(time.perf_counter() - start - sum(timings.values()), 1)
         print(f"[psm pipeline] {name} done ({timings[name]} s)", flush=True)
 
-    run_activation(images, labels, cfg)
-    update_index(labels, images)
-    lap("stages 1-2 (self-supervised net, activation maps)")
-    run_pseudo_masks(images, labels, cfg)
-    score_labels(images, labels)
-    lap("stage 3 (pseudo masks)")
-    det = train(det_cfg_file, os.path.join(a.out, "detection"), labels, a.det_iters, a.opts)
-    lap("stage 4 (detection network)")
-    predict_probabilities(cfg, det, images, os.path.join(labels, "probability"))
-    run_voronoi(images, labels, cfg)
-    score_labels(images, labels)
-    lap("stage 5 (points, Voronoi labels)")
+    if a.supervised:
+        run_supervised_labels(images, labels, a.train_gt)
+        lap("supervised labels (ground truth)")
+    else:
+        run_activation(images, labels, cfg)
+        update_index(labels, images)
+        lap("stages 1-2 (self-supervised net, activation maps)")
+        run_pseudo_masks(images, labels, cfg)
+        score_labels(images, labels)
+        lap("stage 3 (pseudo masks)")
+    det = ""
+    if not (a.supervised and a.seg_from_scratch):  # PSM's stage 5 needs the detection network
+        det = train(det_cfg_file, os.path.join(a.out, "detection"), labels, a.det_iters, a.opts)
+        lap("stage 4 (detection network)")
+    if not a.supervised:
+        predict_probabilities(cfg, det, images, os.path.join(labels, "probability"))
+        run_voronoi(images, labels, cfg)
+        score_labels(images, labels)
+        lap("stage 5 (points, Voronoi labels)")
     seg = train(seg_cfg_file, os.path.join(a.out, "segmentation"), labels, a.seg_iters, a.opts,
                 init="" if a.seg_from_scratch else det)
     lap("stage 6 (segmentation network)")

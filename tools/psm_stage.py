@@ -9,9 +9,12 @@
                                            # instances (uint16 PNG), COCO results JSON, overlays, metrics
     python tools/psm_stage.py pseudo-instances --images ... --labels LABELS --out OUT
                                            # the same outputs from the stage-3 pseudo masks (a baseline)
+    python tools/psm_stage.py supervised-labels --images ... --gt DIR|DATASET --labels LABELS_GT
+                                           # supervised upper bound: pseudo/ + voronoi/ from GT instance maps
 ``--gt DIR|DATASET`` (instance maps, e.g. monuseg_train_labels_for_eval) only scores labels or predictions;
-nothing reads it for training. ``--config`` (default configs/psm/Base-PSM-UNet.yaml) and trailing
-``KEY VALUE`` overrides set every stage's parameters (``PSM.*``). ``tools/psm_pipeline.py`` runs them all.
+nothing reads it for training, except ``supervised-labels`` (a label folder of its own, marked, that the
+label-free stages refuse; see ``run_supervised_labels``). ``--config`` (default configs/psm/Base-PSM-UNet.yaml)
+and trailing ``KEY VALUE`` overrides set every stage's parameters (``PSM.*``). ``tools/psm_pipeline.py`` runs them all.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from mmt_psm.engine.psm_stages import (
     resolve_images,
     run_activation,
     run_pseudo_masks,
+    run_supervised_labels,
     run_voronoi,
     update_index,
     write_unit_map,
@@ -41,9 +45,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("activation", "pseudo-masks", "voronoi", "predict", "pseudo-instances"))
+    p.add_argument("stage", choices=("activation", "pseudo-masks", "voronoi", "predict", "pseudo-instances",
+                                         "supervised-labels"))
     p.add_argument("--images", required=True, help="folder of H&E tiles or a registered data set name")
-    p.add_argument("--labels", help="PSM label folder (activation, pseudo-masks, voronoi)")
+    p.add_argument("--labels", help="PSM label folder (activation, pseudo-masks, voronoi, supervised-labels)")
     p.add_argument("--out", help="output folder (predict)")
     p.add_argument("--weights", help="trained model (voronoi: detection network; predict: segmentation network)")
     p.add_argument("--gt", help="instance maps to score against (folder of <stem>.png or data set)")
@@ -54,7 +59,7 @@ def run(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = load_psm_cfg(a.config, opts)
     images = resolve_images(a.images, a.gt)
-    if a.stage in ("activation", "pseudo-masks", "voronoi", "pseudo-instances") and not a.labels:
+    if a.stage in ("activation", "pseudo-masks", "voronoi", "pseudo-instances", "supervised-labels") and not a.labels:
         p.error(f"{a.stage} needs --labels")
     if a.stage in ("voronoi", "predict") and not a.weights:
         p.error(f"{a.stage} needs --weights")
@@ -64,6 +69,8 @@ def run(argv=None) -> int:
     elif a.stage == "pseudo-masks":
         run_pseudo_masks(images, a.labels, cfg)
         score_labels(images, a.labels)
+    elif a.stage == "supervised-labels":
+        run_supervised_labels(images, a.labels, a.gt or a.images)
     elif a.stage == "voronoi":
         predict_probabilities(cfg, a.weights, images, os.path.join(a.labels, "probability"))
         run_voronoi(images, a.labels, cfg)

@@ -11,14 +11,17 @@ prints one progress line per image, and keeps the folder's ``index.json`` (read 
     probability/<stem>.png  detection-network foreground probability (uint8, 255 = 1.0; from psm_predict)
     voronoi/<stem>.png      stage 5 labels (0 background, 1 nucleus, 255 ignore)
     points/<stem>.json      stage 5 points (row, col)
-Ground-truth labels never enter a label folder: quality against them is scored separately.
+Ground-truth labels never enter a label-free folder: quality against them is scored separately. The one
+exception is the supervised upper bound (:func:`run_supervised_labels`), which writes ``pseudo/`` and
+``voronoi/`` from instance maps into a folder of its own, marked by ``ground_truth_labels.json``; the label-free
+stages refuse such a folder and it refuses a label-free one.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -32,7 +35,10 @@ from mmt_psm.modeling.psm.self_supervised import SelfSupervisedNet, train_self_s
 from mmt_psm.modeling.psm.voronoi import detect_points, voronoi_labels
 
 __all__ = ["resolve_images", "run_self_supervised", "run_activation", "run_pseudo_masks", "run_voronoi",
-           "read_unit_map", "write_unit_map", "update_index", "load_psm_cfg"]
+           "read_unit_map", "write_unit_map", "update_index", "load_psm_cfg", "touching_borders",
+           "supervised_labels", "run_supervised_labels", "GT_MARKER"]
+
+GT_MARKER = "ground_truth_labels.json"  # present in (only) a supervised-upper-bound label folder
 
 Log = Callable[[str], None]
 
@@ -109,8 +115,15 @@ def update_index(folder: str, images: List[Dict]) -> str:
     return write_index(folder, recs)
 
 
+def _refuse_gt_folder(folder: str) -> None:
+    if os.path.isfile(os.path.join(folder, GT_MARKER)):
+        raise ValueError(f"{folder} holds ground-truth labels (supervised-labels, {GT_MARKER}); the label-free PSM "
+                         "stages need a folder of their own")
+
+
 def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> SelfSupervisedNet:
     """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images."""
+    _refuse_gt_folder(folder)
     s = cfg.PSM.SELF_SUP
     path = os.path.join(folder, "self_sup.pth")
     net = SelfSupervisedNet(tuple(s.CHANNELS))
@@ -144,6 +157,7 @@ def _each(images: List[Dict], out_dir: str, stage: str, log: Log):
 
 def run_activation(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
     """Stages 1-2: self-activation maps ``activation/<stem>.png``."""
+    _refuse_gt_folder(folder)
     out = os.path.join(folder, "activation")
     if all(os.path.isfile(os.path.join(out, r["stem"] + ".png")) for r in images):
         log("[psm stage 2] all activation maps exist")
@@ -155,6 +169,7 @@ def run_activation(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _pr
 
 def run_pseudo_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
     """Stage 3: pseudo masks ``pseudo/<stem>.png`` from the images and their activation maps."""
+    _refuse_gt_folder(folder)
     p = cfg.PSM.PSEUDO_MASK
     for _, r, path in _each(images, os.path.join(folder, "pseudo"), "stage 3", log):
         act = read_unit_map(os.path.join(folder, "activation", r["stem"] + ".png"))
@@ -169,6 +184,7 @@ def run_pseudo_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _
 
 def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
     """Stage 5: points and Voronoi labels from ``probability/<stem>.png`` (the detection network's output)."""
+    _refuse_gt_folder(folder)
     pt = cfg.PSM.POINTS
     os.makedirs(os.path.join(folder, "points"), exist_ok=True)
     for _, r, path in _each(images, os.path.join(folder, "voronoi"), "stage 5", log):
@@ -177,6 +193,65 @@ def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print
         with open(os.path.join(folder, "points", r["stem"] + ".json"), "w") as f:
             json.dump(points.tolist(), f)
         _write_label(path, voronoi_labels(points, prob.shape, pt.RADIUS))
+    update_index(folder, images)
+
+
+def touching_borders(inst: np.ndarray) -> np.ndarray:
+    """HxW bool: nucleus pixels 4-adjacent to a different nucleus, i.e. a 2-pixel band (one pixel on each side)
+    where two instances touch - the same band ``find_boundaries(mode="inner")`` draws between Voronoi cells."""
+    band = np.zeros(inst.shape, bool)
+    lo, hi, all_ = slice(None, -1), slice(1, None), slice(None)
+    for a, b in (((lo,), (hi,)), ((all_, lo), (all_, hi))):
+        x, y = inst[a], inst[b]
+        edge = (x != y) & (x > 0) & (y > 0)
+        band[a] |= edge
+        band[b] |= edge
+    return band
+
+
+def supervised_labels(inst: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(pseudo, voronoi) uint8 label maps of an instance map, every pixel labelled (0/1, no ignore).
+
+    ``pseudo`` = the exact GT foreground (what stage 3 estimates: a binary mask, touching nuclei merged);
+    ``voronoi`` = the same foreground with :func:`touching_borders` set to background (0), following stage 5's
+    convention that the border between two neighbouring nuclei is background."""
+    if inst.ndim != 2:
+        raise ValueError(f"instance map of shape {inst.shape}: expected HxW")
+    pseudo = (inst > 0).astype(np.uint8)
+    voronoi = pseudo.copy()
+    voronoi[touching_borders(inst)] = 0
+    return pseudo, voronoi
+
+
+def run_supervised_labels(images: List[Dict], folder: str, gt_source: str = "", log: Log = _print) -> None:
+    """Supervised upper bound: ``pseudo/`` and ``voronoi/`` (+ ``index.json``) from each image's GT instance map
+    (``instance_file_name``, :func:`resolve_images` with ``gt``) by :func:`supervised_labels`, in the format stage
+    6's training reads. Errors name the image without GT, an unreadable map or a map of another size."""
+    for sub in ("activation", "probability", "points"):
+        if os.path.isdir(os.path.join(folder, sub)):
+            raise ValueError(f"{folder} is a label-free PSM label folder ({sub}/ exists): write the ground-truth "
+                             "labels to a new folder")
+    missing = [r["file_name"] for r in images if "instance_file_name" not in r]
+    if missing:
+        stem = stem_of(missing[0])
+        expected = os.path.join(gt_source, stem + ".png") if os.path.isdir(gt_source) else f"{gt_source}: {stem}"
+        more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"no ground-truth instance map {expected} for image {missing[0]}{more}")
+    os.makedirs(os.path.join(folder, "pseudo"), exist_ok=True)
+    with open(os.path.join(folder, GT_MARKER), "w") as f:
+        json.dump({"ground_truth": gt_source or "instance_file_name of the images"}, f)
+    for _, r, path in _each(images, os.path.join(folder, "voronoi"), "supervised labels", log):
+        gt_path = r["instance_file_name"]
+        inst = cv2.imread(gt_path, cv2.IMREAD_UNCHANGED)
+        if inst is None:
+            raise OSError(f"cannot read ground-truth instance map {gt_path}")
+        shape = read_he_image(r["file_name"]).shape[:2]
+        if inst.shape != shape:
+            raise ValueError(f"ground-truth instance map {gt_path} has size {inst.shape}, its image "
+                             f"{r['file_name']} {shape}")
+        pseudo, voronoi = supervised_labels(inst)
+        _write_label(os.path.join(folder, "pseudo", r["stem"] + ".png"), pseudo)
+        _write_label(path, voronoi)  # last: its presence marks the image done (resume)
     update_index(folder, images)
 
 
