@@ -45,6 +45,22 @@ def test_gt_mapped_through_crop_resize_and_flip():
     assert (np.nonzero(masks[0])[1].min(), np.nonzero(masks[0])[1].max()) == (20, 35)
 
 
+def test_objects_cropped_away_are_not_ground_truth_of_the_view():
+    """A frame's cells outside the crop are not in the view the teacher saw: counting them (as the first version
+    did) made recall on real 256 crops of 1024 frames look like 0.1 instead of 0.85."""
+    inside = [[2, 2, 8, 2, 8, 8, 2, 8]]
+    outside = [[30, 2, 38, 2, 38, 8, 30, 8]]
+    record = {"height": 20, "width": 40, "annotations": [
+        {"bbox": [2, 2, 8, 8], "bbox_mode": 0, "category_id": 0, "segmentation": inside},
+        {"bbox": [30, 2, 38, 8], "bbox_mode": 0, "category_id": 1, "segmentation": outside}]}
+    view = {"source_transform": T.TransformList([T.CropTransform(0, 0, 20, 20)]),
+            "base_transform": ViewTransform((20, 20), (20, 20), False),
+            "teacher_transforms": [ViewTransform((20, 20), (20, 20), False)]}
+    masks, classes = gt_masks_in_view(record, view)
+    assert masks.shape == (1, 20, 20) and classes.tolist() == [0]
+    assert masks[0].sum() == 36
+
+
 def test_monitor_never_changes_training(tmp_path):
     data = str(tmp_path / "data")
     tiny_synthetic(data, prefix="mon")

@@ -47,7 +47,8 @@ def match_counts(gt: np.ndarray, pred: np.ndarray, iou_thresh: float = 0.5) -> D
 def gt_masks_in_view(record: Dict, unlabeled: Dict) -> tuple:
     """(masks (N, H, W) bool, classes (N,)) of a ground-truth record mapped into teacher view 0 of ``unlabeled``:
     the mapper's crop/resize (``source_transform``, Detectron2 transforms), the shared base flip
-    (``base_transform``), then view 0's own transform."""
+    (``base_transform``), then view 0's own transform. Objects with no pixel left in the view (cropped away) are
+    dropped: they are not in the image the teacher saw, so they must not count against its recall."""
     h, w = record["height"], record["width"]
     inst = utils.annotations_to_instances(record.get("annotations", []), (h, w), mask_format="bitmask")
     masks = inst.gt_masks.tensor.numpy().astype(np.uint8) if len(inst) else np.zeros((0, h, w), np.uint8)
@@ -61,7 +62,9 @@ def gt_masks_in_view(record: Dict, unlabeled: Dict) -> tuple:
             m = m if t is None else t.apply_masks(m)
     else:
         m = torch.zeros((0, *view_t.resized), dtype=torch.bool)
-    return m.numpy().astype(bool), inst.gt_classes.numpy()
+    masks, classes = m.numpy().astype(bool), inst.gt_classes.numpy()
+    inside = masks.reshape(len(masks), -1).any(axis=1)  # objects the crop left out are not in this view
+    return masks[inside], classes[inside]
 
 
 def _summ(counts: Dict[str, float]) -> Dict[str, float]:
