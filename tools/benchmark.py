@@ -357,8 +357,9 @@ def summarize_profile(steps: List[Dict[str, float]]) -> Dict[str, Dict[str, floa
 def format_report(r: Dict[str, Any]) -> str:
     """Readable table of the results."""
     gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+    inputs = f"data set {r['dataset']}" if r.get("dataset") else f"{r['size']}x{r['size']}"
     lines = [f"{r['device_name']} | torch {r['torch']} | {'AMP fp16' if r['amp'] else 'fp32'} | "
-             f"{r['size']}x{r['size']} | L={r['labeled']} U={r['unlabeled']} | {r['iters']} iters "
+             f"{inputs} | L={r['labeled']} U={r['unlabeled']} | {r['iters']} iters "
              f"(+{r['warmup']} warm-up) | {r['config_file']}",
              f"{'':2} {'variant':26} {'lab+unl':>7} {'median':>9} {'min':>9} {'max':>9} {'peak mem':>10}"]
     for k, v in r["variants"].items():
