@@ -88,3 +88,25 @@ def test_monitor_never_changes_training(tmp_path):
             vals = [v for v, _ in hist[f"pseudo_quality/{cls}/{k}"].values()]
             assert len(vals) == 2 and all(0.0 <= v <= 1.0 for v in vals)  # the 2 steps after burn-in
     assert [v for v, _ in hist["pseudo_quality/images"].values()] == [1.0, 1.0]
+
+
+def test_missing_held_back_set_only_switches_the_monitor_off():
+    """A config naming a held-back set that is not prepared (the quickstart's, reused on other data) trains on;
+    the warning names the set and the missing file."""
+    import logging
+
+    from mmt_psm.engine import pseudo_label_monitor
+    from mmt_psm.engine.pseudo_label_monitor import PseudoLabelMonitorHook
+
+    register_cell_coco("monitor_missing_gt", "/nonexistent/unlabeled_gt.json", "/nonexistent", "prepare it")
+    hook = PseudoLabelMonitorHook(10, ["monitor_missing_gt"], class_names=["a"])
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda rec: records.append(rec.getMessage())  # works whether or not the logger propagates
+    pseudo_label_monitor.logger.addHandler(handler)
+    try:
+        hook.before_train()
+    finally:
+        pseudo_label_monitor.logger.removeHandler(handler)
+    assert hook._gt == {}
+    assert any("monitor_missing_gt" in m and "/nonexistent/unlabeled_gt.json" in m for m in records), records

@@ -85,7 +85,13 @@ class PseudoLabelMonitorHook(PseudoLabelRecordingHook):
 
     def before_train(self) -> None:
         for name in self.names:
-            for rec in DatasetCatalog.get(name):
+            try:
+                records = DatasetCatalog.get(name)
+            except FileNotFoundError as e:  # e.g. a config's held-back set not prepared: monitoring is optional
+                logger.warning(f"DATASETS.UNLABELED_GT {name!r} cannot be loaded; the pseudo-label monitor skips it: "
+                               f"{e}")
+                continue
+            for rec in records:
                 self._gt[os.path.abspath(rec["file_name"])] = rec
         if self.class_names is None:
             self.class_names = list(MetadataCatalog.get(self.names[0]).get("thing_classes", []))
