@@ -21,10 +21,12 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmt_psm.utils.protocol import run_jobs, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {
@@ -142,24 +144,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # seed-major order: every arm of the first seed finishes before the second seed starts
     jobs = [(a, s) for s in args.seeds for a in args.arms if s == args.seeds[0] or a not in args.single_seed_arms]
     print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
-    results: Dict[str, Dict[int, Dict[str, float]]] = {}
-    failures = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {(a, s): pool.submit(run_one, a, s, args, args.opts) for a, s in jobs}
-        for (a, s), fut in futures.items():
-            try:
-                results.setdefault(a, {})[s] = fut.result()
-            except (RuntimeError, FileNotFoundError) as e:
-                failures.append(str(e))
-                print(f"[fail] {e}", flush=True)
+    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, args, args.opts), args.jobs)
     table = summarize(results)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "table": table, "runs": results, "failures": failures}, f, indent=1)
-    text = markdown(table, args.seeds)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0
 
 

@@ -31,10 +31,12 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmt_psm.utils.protocol import run_jobs, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "cpu", "protocol.yaml")
@@ -183,24 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     weights = "" if args.report_only else ensure_pretrained(args)
     jobs = [(a, s) for s in args.seeds for a in args.arms]  # seed-major: a whole seed before the next
     print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
-    results: Dict[str, Dict[int, Dict[str, float]]] = {}
-    failures = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {(a, s): pool.submit(run_one, a, s, weights, args) for a, s in jobs}
-        for (a, s), fut in futures.items():
-            try:
-                results.setdefault(a, {})[s] = fut.result()
-            except (RuntimeError, FileNotFoundError) as e:
-                failures.append(str(e))
-                print(f"[fail] {e}", flush=True)
+    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, weights, args), args.jobs)
     table = summarize(results)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "table": table, "runs": results, "failures": failures}, f, indent=1)
-    text = markdown(table, args.seeds)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0
 
 
