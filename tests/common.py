@@ -68,3 +68,14 @@ def unlabeled_view_batch(cfg: CfgNode, dataset: str, n: int, seed: int = 0) -> L
     for d in batch:
         d["labeled"] = False
     return batch
+
+
+def protocol_run_dir(tmp_path, records, max_iter: int) -> str:
+    """A finished-looking protocol run folder: config.yaml with SOLVER.MAX_ITER and metrics.json of ``records``."""
+    import json
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text(f"SOLVER:\n  MAX_ITER: {max_iter}\n")
+    (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(d)

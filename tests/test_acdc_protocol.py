@@ -4,16 +4,13 @@ import os
 import runpy
 
 import pytest
+from common import protocol_run_dir
 
 TOOL = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "acdc_protocol.py"))
 
 
 def _run_dir(tmp_path, records, max_iter=1200):
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "config.yaml").write_text(f"SOLVER:\n  MAX_ITER: {max_iter}\n")
-    (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return str(d)
+    return protocol_run_dir(tmp_path, records, max_iter)
 
 
 def test_intermediate_evaluation_is_not_a_final_result(tmp_path):

@@ -5,7 +5,7 @@ import os
 import runpy
 
 import pytest
-from common import REPO
+from common import REPO, protocol_run_dir
 from detectron2.config import get_cfg
 
 from mmt_psm.config import add_mmt_psm_config
@@ -48,11 +48,7 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
 
 
 def _run_dir(tmp_path, records, max_iter=300):
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "config.yaml").write_text(f"SOLVER:\n  MAX_ITER: {max_iter}\n")
-    (d / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return str(d)
+    return protocol_run_dir(tmp_path, records, max_iter)
 
 
 def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
