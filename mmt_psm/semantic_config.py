@@ -45,6 +45,13 @@ def add_semantic_config(cfg: CN) -> None:
     cfg.MODEL.LCC.SEPARATION_WEIGHT = 1.0
     cfg.MODEL.LCC.TEMPERATURE = 0.1
     cfg.MODEL.LCC.PROTO_MOMENTUM = 0.99
+    # beyond the paper, both off by default: 0 = separation (and prototypes) on the decoder's last features, as
+    # described; > 0 = on a 1x1-conv projection (conv-ReLU-conv) of them to this width, so the separation
+    # gradient does not reshape the classifier's input directly (the projection is training-only, not exported)
+    cfg.MODEL.LCC.PROJECTION_DIM = 0
+    # the separation term starts at this iteration (0 = with the consistency term), e.g. once the teacher's
+    # pseudo-classes mean something; prototypes are tracked from the start either way
+    cfg.MODEL.LCC.SEPARATION_START_ITER = 0
     # teacher input noise (SSL4MIS): clamp(TEACHER_NOISE * N(0, 1), -NOISE_CLIP, NOISE_CLIP) in [0, 1] intensity units
     cfg.MODEL.LCC.TEACHER_NOISE = 0.1
     cfg.MODEL.LCC.NOISE_CLIP = 0.2

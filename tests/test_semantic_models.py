@@ -147,3 +147,22 @@ print(json.dumps({{"mmt_psm_loaded": any(m.startswith("mmt_psm") for m in sys.mo
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["mmt_psm_loaded"] is False
     np.testing.assert_array_equal(np.array(got["pred"]), expected)
+
+
+def test_lcc_projection_and_delayed_separation(acdc_root, tmp_path):
+    """PROJECTION_DIM puts prototypes in the projector's space (trained, not exported); before
+    SEPARATION_START_ITER the separation term is exactly zero while consistency runs, after it non-zero."""
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    cfg.merge_from_list(["MODEL.LCC.PROJECTION_DIM", 5, "MODEL.LCC.SEPARATION_START_ITER", 3, "SOLVER.MAX_ITER", 6,
+                         "MODEL.LCC.TAU", 1.01])  # every pixel low-confidence: the term has pixels once on
+    model = Trainer.build_model(cfg)
+    assert model.prototypes.shape == (4, 5) and model.projector is not None
+    before = [p.detach().clone() for p in model.projector.parameters()]
+    trainer = _train(cfg)
+    sep = trainer.storage.history("lcc/loss_separation_raw").values()
+    by_iter = {it: v for v, it in sep}
+    assert all(by_iter[it] == 0.0 for it in by_iter if it < 3)
+    assert any(by_iter[it] > 0.0 for it in by_iter if it >= 3)
+    after = list(trainer.model.projector.parameters())
+    assert any(not torch.equal(a.detach(), b) for a, b in zip(after, before))  # in the optimizer, learned
+    assert not any(k.startswith("projector") for k in trainer.model.student.state_dict())

@@ -8,7 +8,8 @@ Arms (configs/acdc/*.yaml; seed S uses the patient split p3_seed<S>, SEED S and 
 every arm of a seed sees the same 3 labeled patients and the same labeled stream order):
 supervised_p3 (3 labeled patients), supervised_all (15 patients, upper bound), scribble_only (scribbles of all 15),
 mixed (3 full + 12 scribble patients), mean_teacher and lcc (3 labeled + 12 unlabeled); the ablation
-lcc_no_separation (low-confidence consistency alone) runs when named in --arms. A finished run (its
+lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a projection head) and lcc_late
+(separation from iteration 600) run when named in --arms. A finished run (its
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
 (``--resume``). Writes <out>/results.json and <out>/results.md (per structure Dice and HD95, mean +- std over
 seeds, of the reported model and, for teacher-student arms, of the other one).
@@ -43,7 +44,15 @@ ARMS = {
     "lcc_no_separation": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
                                                     "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
                                                     "MODEL.LCC.SEPARATION": "False"}),
+    # beyond the paper: separation on a 32-wide projection of the decoder features / delayed to iteration 600
+    "lcc_proj": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
+                                           "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
+                                           "MODEL.LCC.PROJECTION_DIM": "32"}),
+    "lcc_late": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
+                                           "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
+                                           "MODEL.LCC.SEPARATION_START_ITER": "600"}),
 }
+ABLATIONS = ("lcc_no_separation", "lcc_proj", "lcc_late")
 METRICS = ["Dice-RV", "Dice-Myo", "Dice-LV", "Dice", "HD95-RV", "HD95-Myo", "HD95-LV", "HD95"]
 TASK = "sem_seg_volume"
 
@@ -131,7 +140,7 @@ def markdown(table: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run (or collect) every arm x seed and write the tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arms", nargs="+", default=[a for a in ARMS if a != "lcc_no_separation"], choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=[a for a in ARMS if a not in ABLATIONS], choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     p.add_argument("--single-seed-arms", nargs="*", default=["supervised_all", "scribble_only"],
                    help="arms run with the first seed only (they do not depend on the patient split)")

@@ -8,6 +8,8 @@ Per step (labeled and unlabeled images in one student forward, as SSL4MIS does):
 - class prototypes = EMA (``PROTO_MOMENTUM``) of masked means of the student's decoder features on labeled
   pixels of each class (summed over DDP ranks first, so every rank keeps the same prototypes);
 - ``loss_separation = w(t) * SEPARATION_WEIGHT * CE(cos(f, P) / T, teacher argmax)`` on the low-confidence pixels.
+Beyond the paper (off by default): ``PROJECTION_DIM > 0`` computes prototypes and separation on a projection of
+the decoder features, ``SEPARATION_START_ITER`` delays the separation term.
 ``LOW_CONF_ONLY False`` + ``SEPARATION False`` is SSL4MIS's plain Mean Teacher from the same code.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         self, *, student: nn.Module, num_classes: int, burn_in: int, ramp_up: int, ramp_down: int, max_iter: int,
         unsup_weight_base: float, tau: float, low_conf_only: bool, separation: bool, separation_weight: float,
         temperature: float, proto_momentum: float, noise_std: float, noise_clip: float, eval_with: str = "teacher",
+        projection_dim: int = 0, separation_start: int = 0,
     ):
         super().__init__()
         self.student = student
@@ -57,6 +60,13 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         self.separation, self.separation_weight, self.temperature = separation, separation_weight, temperature
         self.proto_momentum, self.noise = proto_momentum, (noise_std, noise_clip)
         dim = student.sem_seg_head.feature_channels
+        self.separation_start = separation_start
+        # training-only projection for the separation space (a sibling of student/teacher, so export is unchanged)
+        self.projector = None
+        if projection_dim > 0:
+            self.projector = nn.Sequential(
+                nn.Conv2d(dim, dim, 1), nn.ReLU(inplace=True), nn.Conv2d(dim, projection_dim, 1))
+            dim = projection_dim
         self.register_buffer("prototypes", torch.zeros(num_classes, dim))
         self.register_buffer("prototypes_initialized", torch.zeros(num_classes, dtype=torch.bool))
         self._init_teacher_student(eval_with)
@@ -71,6 +81,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
             "tau": m.TAU, "low_conf_only": m.LOW_CONF_ONLY, "separation": m.SEPARATION,
             "separation_weight": m.SEPARATION_WEIGHT, "temperature": m.TEMPERATURE,
             "proto_momentum": m.PROTO_MOMENTUM, "noise_std": m.TEACHER_NOISE, "noise_clip": m.NOISE_CLIP,
+            "projection_dim": m.PROJECTION_DIM, "separation_start": m.SEPARATION_START_ITER,
         }
 
     @property
@@ -89,14 +100,17 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         n_lab = len(labeled)
         targets = targets_of(self.student, labeled, tuple(images.tensor.shape[-2:]))
         losses = self.student.sem_seg_head.losses(logits[:n_lab], targets)
+        if self.separation and self.projector is not None:
+            feats = self.projector(feats)
         self._update_prototypes(feats[:n_lab], targets)
         weight = self.loss_weight(storage.iter)
         storage.put_scalar("lcc/unsup_weight", weight, smoothing_hint=False)
-        zero = logits.sum() * 0.0
+        zero = (logits.sum() + feats.sum()) * 0.0  # graph-connected: DDP sees every parameter used
         raw_cons, raw_sep, frac = zero, zero, zero.detach()
         unsupervised_step = bool(unlabeled) and storage.iter >= self.burn_in
         if unsupervised_step:
-            raw_cons, raw_sep, frac = self._unsupervised(unlabeled, feats[n_lab:], logits[n_lab:], images, n_lab)
+            raw_cons, raw_sep, frac = self._unsupervised(unlabeled, feats[n_lab:], logits[n_lab:], images, n_lab,
+                                                         separate=storage.iter >= self.separation_start)
         losses["loss_consistency"] = raw_cons * weight
         losses["loss_separation"] = raw_sep * (weight * self.separation_weight)
         # one device->host copy for every logged statistic of the step
@@ -108,7 +122,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         storage.put_scalars(**{f"lcc/prototype_norm_{c}": v for c, v in enumerate(stats[3:])})
         return losses
 
-    def _unsupervised(self, unlabeled, feats_u, logits_u, images, n_lab):
+    def _unsupervised(self, unlabeled, feats_u, logits_u, images, n_lab, separate: bool = True):
         with torch.no_grad():
             t_images = images_of(self.teacher, unlabeled, noise=self.noise)
             _, t_logits = segment(self.teacher, t_images)
@@ -118,8 +132,8 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         kept = (low if self.low_conf_only else torch.ones_like(low)) & inside
         frac = kept.sum().float() / inside.sum().clamp(min=1).float()
         cons = masked_softmax_mse(logits_u.softmax(dim=1), t_probs, kept)
-        sep = logits_u.sum() * 0.0
-        if self.separation:
+        sep = (logits_u.sum() + feats_u.sum()) * 0.0  # graph-connected zero (projector included)
+        if self.separation and separate:
             sep = class_separation_loss(feats_u, pseudo, kept, self.prototypes, self.temperature,
                                         self.prototypes_initialized)
         return cons, sep, frac
