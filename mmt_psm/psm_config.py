@@ -56,5 +56,9 @@ def add_psm_config(cfg: CN) -> None:
     cfg.PSM.INSTANCES.THRESHOLD = 0.5
     cfg.PSM.INSTANCES.MIN_SIZE = 30
     cfg.PSM.INSTANCES.WATERSHED = False
+    # ---- inference: average the foreground probability over the 8 rot90/flip views (not in the paper; 8x the
+    # inference time); used wherever a PSM network's probability is computed (stage-5 points and predictions)
+    cfg.PSM.TEST = CN()
+    cfg.PSM.TEST.TTA = False
     # ---- evaluation: also score the paper's protocol (centre crop of this size, connected-component GT)
     cfg.PSM.PAPER_CROP = 512

@@ -27,6 +27,7 @@ from mmt_psm.evaluation.nuclei_evaluator import foreground_probability, instance
 from mmt_psm.evaluation.nuclei_metrics import coco_mask_ap, image_scores, paper_protocol_scores, summarize_scores
 from mmt_psm.evaluation.psm_label_quality import mask_counts, pooled_quality, voronoi_counts
 from mmt_psm.modeling.psm.instances import instances_from_probability
+from mmt_psm.modeling.psm.tta import dihedral_probability
 
 __all__ = ["predict_probabilities", "write_instances", "score_labels"]
 
@@ -39,7 +40,8 @@ def _print(msg: str) -> None:
 
 @torch.no_grad()
 def predict_probabilities(cfg: CfgNode, weights: str, images: List[Dict], out_dir: str, log: Log = _print) -> None:
-    """Foreground probability ``out_dir/<stem>.png`` of every image (existing files are kept)."""
+    """Foreground probability ``out_dir/<stem>.png`` of every image (existing files are kept); with
+    ``PSM.TEST.TTA`` the mean over the 8 rot90/flip views."""
     from detectron2.modeling import build_model
 
     from mmt_psm.data.psm_mapper import PSMNucleiMapper
@@ -55,7 +57,8 @@ def predict_probabilities(cfg: CfgNode, weights: str, images: List[Dict], out_di
             continue
         start = time.perf_counter()
         d = mapper({"file_name": r["file_name"]})
-        write_unit_map(path, foreground_probability(model([d])[0]["sem_seg"]))
+        prob = dihedral_probability(model, d) if cfg.PSM.TEST.TTA else foreground_probability(model([d])[0]["sem_seg"])
+        write_unit_map(path, prob)
         log(f"[psm predict] {i + 1}/{len(images)} {r['stem']} ({time.perf_counter() - start:.1f} s)")
 
 
