@@ -7,7 +7,7 @@
 Arms (configs/acdc/*.yaml; seed S uses the patient split p3_seed<S>, SEED S and DATALOADER.STREAM_SEED S, so
 every arm of a seed sees the same 3 labeled patients and the same labeled stream order):
 supervised_p3 (3 labeled patients), supervised_all (15 patients, upper bound), scribble_only (scribbles of all 15),
-mixed (3 full + 12 scribble patients), mean_teacher and lcc (3 labeled + 12 unlabeled); the ablation
+mixed (3 full + 12 scribble patients), mean_teacher, lcc and lcc_plus (3 labeled + 12 unlabeled); the ablation
 lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a projection head) and lcc_late
 (separation from iteration 600) run when named in --arms. A finished run (its
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
@@ -48,6 +48,9 @@ ARMS = {
     "lcc_proj": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
                                            "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
                                            "MODEL.LCC.PROJECTION_DIM": "32"}),
+    # the separation on a projection, weight 0.1 (configs/acdc/lcc_plus.yaml)
+    "lcc_plus": ("lcc_plus.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
+                                   "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}),
     "lcc_late": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
                                            "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
                                            "MODEL.LCC.SEPARATION_START_ITER": "600"}),
