@@ -166,3 +166,12 @@ def test_lcc_projection_and_delayed_separation(acdc_root, tmp_path):
     after = list(trainer.model.projector.parameters())
     assert any(not torch.equal(a.detach(), b) for a, b in zip(after, before))  # in the optimizer, learned
     assert not any(k.startswith("projector") for k in trainer.model.student.state_dict())
+
+
+def test_lcc_projection_unused_without_separation_is_not_built(acdc_root, tmp_path):
+    """No separation term, no projector: nothing untrained sits in the optimizer or the checkpoint."""
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    cfg.merge_from_list(["MODEL.LCC.PROJECTION_DIM", 5, "MODEL.LCC.SEPARATION", False])
+    model = Trainer.build_model(cfg)
+    assert model.projector is None
+    assert not any(k.startswith("projector") for k in model.state_dict())

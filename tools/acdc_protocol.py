@@ -30,30 +30,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmt_psm.utils.protocol import run_jobs, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELED = {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)"}
+UNLABELED = {**LABELED, "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}
 ARMS = {
-    "supervised_p3": ("supervised_p3.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)"}),
+    "supervised_p3": ("supervised_p3.yaml", LABELED),
     "supervised_all": ("supervised_all.yaml", {}),
     "scribble_only": ("scribble_only.yaml", {}),
-    "mixed": ("mixed_supervision.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                         "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_scribble',)"}),
-    "mean_teacher": ("mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                           "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}),
-    "lcc": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                      "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}),
-    # ablation: low-confidence consistency alone (no class separation)
-    "lcc_no_separation": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                                    "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
-                                                    "MODEL.LCC.SEPARATION": "False"}),
-    # beyond the paper: separation on a 32-wide projection of the decoder features / delayed to iteration 600
-    "lcc_proj": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                           "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
-                                           "MODEL.LCC.PROJECTION_DIM": "32"}),
+    "mixed": ("mixed_supervision.yaml", {**LABELED, "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_scribble',)"}),
+    "mean_teacher": ("mean_teacher.yaml", UNLABELED),
+    "lcc": ("lcc_mean_teacher.yaml", UNLABELED),
     # the separation on a projection, weight 0.1 (configs/acdc/lcc_plus.yaml)
-    "lcc_plus": ("lcc_plus.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                   "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)"}),
-    "lcc_late": ("lcc_mean_teacher.yaml", {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)",
-                                           "DATASETS.TRAIN_UNLABELED": "('acdc_p3_seed{s}_unlabeled',)",
-                                           "MODEL.LCC.SEPARATION_START_ITER": "600"}),
+    "lcc_plus": ("lcc_plus.yaml", UNLABELED),
+    # ablation: low-confidence consistency alone (no class separation)
+    "lcc_no_separation": ("lcc_mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.SEPARATION": "False"}),
+    # beyond the paper: separation on a 32-wide projection of the decoder features / delayed to iteration 600
+    "lcc_proj": ("lcc_mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.PROJECTION_DIM": "32"}),
+    "lcc_late": ("lcc_mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.SEPARATION_START_ITER": "600"}),
 }
 ABLATIONS = ("lcc_no_separation", "lcc_proj", "lcc_late")
 METRICS = ["Dice-RV", "Dice-Myo", "Dice-LV", "Dice", "HD95-RV", "HD95-Myo", "HD95-LV", "HD95"]

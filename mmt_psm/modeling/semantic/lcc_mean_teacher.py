@@ -62,8 +62,8 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         dim = student.sem_seg_head.feature_channels
         self.separation_start = separation_start
         # training-only projection for the separation space (a sibling of student/teacher, so export is unchanged)
-        self.projector = None
-        if projection_dim > 0:
+        self.projector = None  # built only when the separation term would use it
+        if separation and projection_dim > 0:
             self.projector = nn.Sequential(
                 nn.Conv2d(dim, dim, 1), nn.ReLU(inplace=True), nn.Conv2d(dim, projection_dim, 1))
             dim = projection_dim
@@ -100,7 +100,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         n_lab = len(labeled)
         targets = targets_of(self.student, labeled, tuple(images.tensor.shape[-2:]))
         losses = self.student.sem_seg_head.losses(logits[:n_lab], targets)
-        if self.separation and self.projector is not None:
+        if self.projector is not None:
             feats = self.projector(feats)
         self._update_prototypes(feats[:n_lab], targets)
         weight = self.loss_weight(storage.iter)
