@@ -52,6 +52,9 @@ def add_semantic_config(cfg: CN) -> None:
     # the separation term starts at this iteration (0 = with the consistency term), e.g. once the teacher's
     # pseudo-classes mean something; prototypes are tracked from the start either way
     cfg.MODEL.LCC.SEPARATION_START_ITER = 0
+    # BatchNorm statistics of the student: "joint" = labeled + unlabeled images in one forward (SSL4MIS, the
+    # paper); "labeled" = two forwards, the running statistics used at test time come from labeled images only
+    cfg.MODEL.LCC.BN_STATS = "joint"
     # teacher input noise (SSL4MIS): clamp(TEACHER_NOISE * N(0, 1), -NOISE_CLIP, NOISE_CLIP) in [0, 1] intensity units
     cfg.MODEL.LCC.TEACHER_NOISE = 0.1
     cfg.MODEL.LCC.NOISE_CLIP = 0.2

@@ -175,3 +175,44 @@ def test_lcc_projection_unused_without_separation_is_not_built(acdc_root, tmp_pa
     model = Trainer.build_model(cfg)
     assert model.projector is None
     assert not any(k.startswith("projector") for k in model.state_dict())
+
+
+def test_lcc_bn_stats_labeled_keeps_running_statistics_of_labeled_images(acdc_root, tmp_path):
+    """BN_STATS labeled: the labeled half's outputs and BatchNorm's running statistics equal a forward of the
+    labeled images alone; the unlabeled half is normalised by its own batch; "joint" mixes both in the stats."""
+    from detectron2.structures import ImageList
+
+    from mmt_psm.modeling.semantic.common import segment, segment_split
+
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    cfg.merge_from_list(["MODEL.LCC.BN_STATS", "labeled", "MODEL.UNET.DROPOUT", (0.0, 0.0, 0.0)])
+    model = Trainer.build_model(cfg)
+    assert model.bn_stats == "labeled"
+    student = model.student.train()
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 32, 32)
+    x[2:] = x[2:] * 3.0 + 2.0  # the "unlabeled" half has other statistics
+    images = ImageList(x, [(32, 32)] * 4)
+
+    def running(m):
+        return [t.clone() for n, t in m.state_dict().items() if "running_" in n]
+
+    import copy
+
+    ref, joint = copy.deepcopy(student), copy.deepcopy(student)
+    feats, logits = segment_split(student, images, 2, "labeled")
+    ref_feats, ref_logits = segment(ref, ImageList(x[:2], [(32, 32)] * 2))
+    _, unl_logits = segment(copy.deepcopy(student), ImageList(x[2:], [(32, 32)] * 2))
+    assert torch.allclose(logits[:2], ref_logits, atol=1e-6) and torch.allclose(feats[:2], ref_feats, atol=1e-6)
+    assert torch.allclose(logits[2:], unl_logits, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(running(student), running(ref)))
+    segment_split(joint, images, 2, "joint")
+    assert not all(torch.allclose(a, b) for a, b in zip(running(joint), running(ref)))
+    # momentum restored after the frozen pass
+    assert all(m.momentum == 0.1 for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="BN_STATS"):
+        cfg.merge_from_list(["MODEL.LCC.BN_STATS", "labelled"])
+        Trainer.build_model(cfg)
+    cfg.merge_from_list(["MODEL.LCC.BN_STATS", "labeled"])
+    trainer = _train(cfg)
+    assert all(math.isfinite(v) for v in _history(trainer, "loss_consistency"))

@@ -8,8 +8,9 @@ Arms (configs/acdc/*.yaml; seed S uses the patient split p3_seed<S>, SEED S and 
 every arm of a seed sees the same 3 labeled patients and the same labeled stream order):
 supervised_p3 (3 labeled patients), supervised_all (15 patients, upper bound), scribble_only (scribbles of all 15),
 mixed (3 full + 12 scribble patients), mean_teacher, lcc and lcc_plus (3 labeled + 12 unlabeled); the ablation
-lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a projection head) and lcc_late
-(separation from iteration 600) run when named in --arms. A finished run (its
+lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a projection head), lcc_late
+(separation from iteration 600), mean_teacher_bn and lcc_plus_bn (BatchNorm running statistics from the labeled
+slices only, ``MODEL.LCC.BN_STATS labeled``) run when named in --arms. A finished run (its
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
 (``--resume``). Writes <out>/results.json and <out>/results.md (per structure Dice and HD95, mean +- std over
 seeds, of the reported model and, for teacher-student arms, of the other one).
@@ -46,8 +47,11 @@ ARMS = {
     # beyond the paper: separation on a 32-wide projection of the decoder features / delayed to iteration 600
     "lcc_proj": ("lcc_mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.PROJECTION_DIM": "32"}),
     "lcc_late": ("lcc_mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.SEPARATION_START_ITER": "600"}),
+    # BatchNorm running statistics (the test-time ones) from the labeled slices only
+    "mean_teacher_bn": ("mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled"}),
+    "lcc_plus_bn": ("lcc_plus.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled"}),
 }
-ABLATIONS = ("lcc_no_separation", "lcc_proj", "lcc_late")
+ABLATIONS = ("lcc_no_separation", "lcc_proj", "lcc_late", "mean_teacher_bn", "lcc_plus_bn")
 METRICS = ["Dice-RV", "Dice-Myo", "Dice-LV", "Dice", "HD95-RV", "HD95-Myo", "HD95-LV", "HD95"]
 TASK = "sem_seg_volume"
 

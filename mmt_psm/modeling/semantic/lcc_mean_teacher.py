@@ -9,7 +9,8 @@ Per step (labeled and unlabeled images in one student forward, as SSL4MIS does):
   pixels of each class (summed over DDP ranks first, so every rank keeps the same prototypes);
 - ``loss_separation = w(t) * SEPARATION_WEIGHT * CE(cos(f, P) / T, teacher argmax)`` on the low-confidence pixels.
 Beyond the paper (off by default): ``PROJECTION_DIM > 0`` computes prototypes and separation on a projection of
-the decoder features, ``SEPARATION_START_ITER`` delays the separation term.
+the decoder features, ``SEPARATION_START_ITER`` delays the separation term, ``BN_STATS labeled`` keeps
+BatchNorm's running statistics (the test-time ones) from the labeled images only (two student forwards).
 ``LOW_CONF_ONLY False`` + ``SEPARATION False`` is SSL4MIS's plain Mean Teacher from the same code.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..teacher_student import TeacherStudentMixin, ramp_config
-from .common import build_student, image_mask, images_of, segment, targets_of
+from .common import build_student, image_mask, images_of, segment, segment_split, targets_of
 from .losses import (
     class_feature_means,
     class_separation_loss,
@@ -48,7 +49,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         self, *, student: nn.Module, num_classes: int, burn_in: int, ramp_up: int, ramp_down: int, max_iter: int,
         unsup_weight_base: float, tau: float, low_conf_only: bool, separation: bool, separation_weight: float,
         temperature: float, proto_momentum: float, noise_std: float, noise_clip: float, eval_with: str = "teacher",
-        projection_dim: int = 0, separation_start: int = 0,
+        projection_dim: int = 0, separation_start: int = 0, bn_stats: str = "joint",
     ):
         super().__init__()
         self.student = student
@@ -61,6 +62,9 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         self.proto_momentum, self.noise = proto_momentum, (noise_std, noise_clip)
         dim = student.sem_seg_head.feature_channels
         self.separation_start = separation_start
+        if bn_stats not in ("joint", "labeled"):
+            raise ValueError(f"MODEL.LCC.BN_STATS must be 'joint' or 'labeled', got {bn_stats!r}")
+        self.bn_stats = bn_stats
         # training-only projection for the separation space (a sibling of student/teacher, so export is unchanged)
         self.projector = None  # built only when the separation term would use it
         if separation and projection_dim > 0:
@@ -82,6 +86,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
             "separation_weight": m.SEPARATION_WEIGHT, "temperature": m.TEMPERATURE,
             "proto_momentum": m.PROTO_MOMENTUM, "noise_std": m.TEACHER_NOISE, "noise_clip": m.NOISE_CLIP,
             "projection_dim": m.PROJECTION_DIM, "separation_start": m.SEPARATION_START_ITER,
+            "bn_stats": m.BN_STATS,
         }
 
     @property
@@ -96,8 +101,8 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
             raise ValueError("LCCMeanTeacherSegmentor needs labeled images in every batch (SEMI.IMS_PER_BATCH_LABELED)")
         storage = get_event_storage()
         images = images_of(self.student, labeled + unlabeled)
-        feats, logits = segment(self.student, images)
         n_lab = len(labeled)
+        feats, logits = segment_split(self.student, images, n_lab, self.bn_stats)
         targets = targets_of(self.student, labeled, tuple(images.tensor.shape[-2:]))
         losses = self.student.sem_seg_head.losses(logits[:n_lab], targets)
         if self.projector is not None:
