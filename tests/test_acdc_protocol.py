@@ -9,13 +9,9 @@ from common import protocol_run_dir
 TOOL = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "acdc_protocol.py"))
 
 
-def _run_dir(tmp_path, records, max_iter=1200):
-    return protocol_run_dir(tmp_path, records, max_iter)
-
-
 def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
     mid = {"iteration": 599, "sem_seg_volume/Dice": 0.4}
-    d = _run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, mid])
+    d = protocol_run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, mid], max_iter=1200)
     assert TOOL["final_results"](d) is None
     with open(os.path.join(d, "metrics.json"), "a") as f:
         f.write(json.dumps({"iteration": 1199, "sem_seg_volume/Dice": 0.6}) + "\n")

@@ -47,12 +47,9 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
         assert str(node) == value, key
 
 
-def _run_dir(tmp_path, records, max_iter=300):
-    return protocol_run_dir(tmp_path, records, max_iter)
-
-
 def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
-    d = _run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, {"iteration": 149, "segm/AP": 10.0}])
+    d = protocol_run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, {"iteration": 149, "segm/AP": 10.0}],
+                         max_iter=300)
     assert TOOL["final_results"](d) is None
     with open(os.path.join(d, "metrics.json"), "a") as f:
         f.write(json.dumps({"iteration": 299, "segm/AP": 20.0, "segm_student/AP": 21.0, "total_loss": 1}) + "\n")

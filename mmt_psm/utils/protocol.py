@@ -6,7 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from .atomic import write_json
+from .atomic import write_json, write_text
 
 __all__ = ["run_jobs", "write_results"]
 
@@ -33,8 +33,5 @@ def write_results(out: str, seeds: Sequence[int], table: Dict, results: Dict, fa
     """``<out>/results.json`` (seeds, table, runs, failures) and ``<out>/results.md``; prints the markdown."""
     write_json(os.path.join(out, "results.json"),
                {"seeds": list(seeds), "table": table, "runs": results, "failures": failures})
-    tmp = os.path.join(out, f"results.md.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "results.md"))
+    write_text(os.path.join(out, "results.md"), text)
     print(text)
