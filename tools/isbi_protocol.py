@@ -19,7 +19,7 @@ and student box-head dropout; they differ only in what the protocol compares:
 * ablations (run when named): ``mmt_psm_mask_distill``, ``mmt_psm_fuse``, ``mmt_psm_fg_sum``,
   ``mmt_psm_thr07``, ``mmt_psm_labeled_aug`` (the paper's method + one switch each), ``mmt_psm_w0`` (control:
   unsupervised losses weighted 0), ``mmt_psm_no_mgd`` / ``mmt_psm_no_psm`` (the paper's method without one of
-  its two unsupervised losses).
+  its two unsupervised losses), ``mmt_psm_plus_no_mgd`` (plus without the feature loss).
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
@@ -70,6 +70,8 @@ ARMS: Dict[str, Dict[str, str]] = {
     # which unsupervised loss moves cytoplasm AP: the paper's method without one of its two losses
     "mmt_psm_no_mgd": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.MGD_LOSS": "False"},
     "mmt_psm_no_psm": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.PSM_LOSS": "False"},
+    # plus without the feature loss (loss_mgd lowers cytoplasm AP at this protocol, BENCHMARKS.md)
+    "mmt_psm_plus_no_mgd": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS, "MODEL.MMT_PSM.MGD_LOSS": "False"},
 }
 DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus", "supervised_n6"]
 METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
