@@ -50,7 +50,7 @@ def measure(args: argparse.Namespace) -> Dict:
     loader = iter(Trainer.build_train_loader(cfg))
     per_batch: List[Dict] = []
     with EventStorage(start_iter=it):
-        weight = float(model.loss_weight(it)) if hasattr(model, "loss_weight") else 0.0
+        weight = float(model.loss_weight(it))
         for b in range(args.batches):
             losses = model(next(loader))
             stats = loss_gradient_stats(losses, groups)
@@ -76,10 +76,9 @@ def table(r: Dict, groups=("backbone", "roi_heads", "adaptors")) -> str:
     supervised gradient and with the mask loss's."""
     first = next(iter(r["summary"].values()))
     groups = [g for g in groups if g in first]
-    cos_keys = [k for k in first[groups[0]] if k.startswith("cos_")]
+    cos_names = {"cos_supervised_mean": "cos sup", "cos_loss_mask_mean": "cos mask"}
     cols = [(g, "norm_median", f"|g| {g}") for g in groups]
-    cols += [(g, k, f"{k[4:-5].replace('supervised', 'cos sup').replace('loss_mask', 'cos mask')} {g}")
-             for g in groups for k in cos_keys]
+    cols += [(g, k, f"{name} {g}") for g in groups for k, name in cos_names.items() if k in first[g]]
     head = "| term | " + " | ".join(c[2] for c in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     rows = []
     for term, by_group in r["summary"].items():

@@ -67,16 +67,19 @@ def image_mask(images: ImageList) -> torch.Tensor:
 @contextmanager
 def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
     """Inside, BatchNorm layers still normalise with the batch's statistics but do not update their running
-    statistics (momentum 0: running = 1 * running + 0 * batch), so those stay the labeled images' alone."""
+    statistics (momentum 0: running = 1 * running + 0 * batch; also under Detectron2's NaiveSyncBatchNorm), so
+    those stay the labeled images' alone. ``num_batches_tracked`` is restored too (it drives ``momentum=None``)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
     for m in bns:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(bns, saved):
+        for m, (momentum, tracked) in zip(bns, saved):
             m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def segment_split(model: nn.Module, images: ImageList, n_lab: int, bn_stats: str) -> Tuple[torch.Tensor, torch.Tensor]:
