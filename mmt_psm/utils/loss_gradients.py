@@ -51,26 +51,30 @@ def loss_gradient_stats(
     """``{term: {group: {"norm": |g|, "cos_<ref>": cos(g, g_ref), ...}}}`` for every ``loss*`` term of ``losses``
     (one forward's loss dict, graph kept) plus ``supervised`` (the sum of the ``supervised`` terms) and
     ``unsupervised`` (the sum of the others); one cosine per reference term present. A cosine is NaN where either
-    gradient is zero."""
+    gradient is zero. One backward pass per term over every group's parameters; the sums' gradients are the sums
+    of the terms' gradients."""
     sup_keys = [k for k in losses if k in set(supervised)]
     unsup_keys = [k for k in losses if k.startswith("loss") and k not in sup_keys]
     if not sup_keys:
         raise ValueError(f"no supervised loss among {sorted(losses)}")
-    terms = {k: losses[k] for k in sup_keys + unsup_keys}
-    terms["supervised"] = sum(losses[k] for k in sup_keys)
+    groups = {g: list(p) for g, p in groups.items() if p}
+    params = [p for ps in groups.values() for p in ps]
+    grads = {k: _flat_grad(losses[k], params) for k in sup_keys + unsup_keys}
+    grads["supervised"] = sum(grads[k] for k in sup_keys)
     if unsup_keys:
-        terms["unsupervised"] = sum(losses[k] for k in unsup_keys)
-    refs = [r for r in references if r in terms]
+        grads["unsupervised"] = sum(grads[k] for k in unsup_keys)
+    refs = [r for r in references if r in grads]
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for group, params in groups.items():
-        if not params:
-            continue
-        grads = {name: _flat_grad(loss, params) for name, loss in terms.items()}
-        for name, g in grads.items():
+    offset = 0
+    for group, ps in groups.items():
+        size = sum(p.numel() for p in ps)
+        part = {name: g[offset: offset + size] for name, g in grads.items()}
+        offset += size
+        for name, g in part.items():
             norm = float(g.norm())
             row = {"norm": norm}
             for r in refs:
-                ref_norm = float(grads[r].norm())
-                row[f"cos_{r}"] = float(g @ grads[r]) / (norm * ref_norm) if norm > 0 and ref_norm > 0 else float("nan")
+                ref_norm = float(part[r].norm())
+                row[f"cos_{r}"] = float(g @ part[r]) / (norm * ref_norm) if norm > 0 and ref_norm > 0 else float("nan")
             out.setdefault(name, {})[group] = row
     return out
