@@ -32,3 +32,45 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_json(path, {"new": 2})
     assert json.load(open(path)) == {"old": 1}
     assert sorted(os.listdir(tmp_path)) == ["r.json"]
+
+
+def test_image_and_torch_writers_roundtrip_and_leave_no_temp_file(tmp_path):
+    import cv2
+    import numpy as np
+    import torch
+
+    from mmt_psm.utils.atomic import save_torch, write_image
+
+    lab = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000)  # a 16-bit instance map: PNG keeps it exactly
+    write_image(str(tmp_path / "inst.png"), lab)
+    back = cv2.imread(str(tmp_path / "inst.png"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, lab)
+    save_torch(str(tmp_path / "w.pth"), {"a": torch.arange(3)})
+    assert torch.equal(torch.load(tmp_path / "w.pth")["a"], torch.arange(3))
+    assert sorted(os.listdir(tmp_path)) == ["inst.png", "w.pth"]
+
+
+def test_image_opencv_cannot_write_is_an_error_naming_the_file(tmp_path):
+    import numpy as np
+
+    from mmt_psm.utils.atomic import write_image
+
+    path = str(tmp_path / "map.png")
+    write_image(path, np.zeros((2, 2), np.uint8))
+    with pytest.raises(OSError, match=r"cannot write image .*map\.png .*float64"):
+        write_image(path, np.zeros((2, 2, 7)))  # 7 channels: PNG cannot hold them, cv2.imwrite says False
+    assert sorted(os.listdir(tmp_path)) == ["map.png"]
+
+
+def test_interrupted_write_removes_the_temp_file(tmp_path):
+    """An exception inside the block (KeyboardInterrupt included) keeps the old file and removes the temp file."""
+    from mmt_psm.utils.atomic import atomic_path
+
+    path = str(tmp_path / "a.txt")
+    write_text(path, "old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(path) as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".txt")
+            open(tmp, "w").write("new, half")
+            raise KeyboardInterrupt
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["a.txt"]

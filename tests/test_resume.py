@@ -44,7 +44,7 @@ def test_resume_equals_uninterrupted_run(trained_mmt_psm, tmp_path):
 def test_checkpoint_written_atomically(trained_mmt_psm):
     files = sorted(os.listdir(trained_mmt_psm.output_dir))
     assert {"model_final.pth", "model_0000002.pth", "last_checkpoint"} <= set(files)
-    assert not [f for f in files if f.endswith(".tmp")]
+    assert not [f for f in files if f.startswith(".") or ".tmp" in f]  # no temp file left behind
     with open(os.path.join(trained_mmt_psm.output_dir, "last_checkpoint")) as f:
         assert f.read() == "model_final.pth"
     state = torch.load(os.path.join(trained_mmt_psm.output_dir, "model_final.pth"), weights_only=True)

@@ -29,6 +29,7 @@ from detectron2.config import CfgNode, get_cfg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmt_psm.config import add_mmt_psm_config  # noqa: E402
 from mmt_psm.modeling.semantic.unet import add_unet_config  # noqa: E402
+from mmt_psm.utils.atomic import save_torch, write_text  # noqa: E402
 
 # teacher-student meta-architecture -> the config node naming the plain architecture of its teacher/student
 STUDENT_ARCHITECTURE_NODE = {"MMTPSMRCNN": "MMT_PSM", "LCCMeanTeacherSegmentor": "LCC",
@@ -100,13 +101,10 @@ def main(argv=None) -> int:
 
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, f"model_{args.which}.pth")
-    tmp = weights + ".tmp"
-    torch.save({"model": model}, tmp)
-    os.replace(tmp, weights)
+    save_torch(weights, {"model": model})
     plain = plain_config(cfg, os.path.abspath(weights))
     cfg_path = os.path.join(out_dir, f"config_{args.which}.yaml")
-    with open(cfg_path, "w") as f:
-        f.write(plain.dump())
+    write_text(cfg_path, plain.dump())
     print(f"wrote {weights} ({len(model)} tensors) and {cfg_path}")
     return 0
 

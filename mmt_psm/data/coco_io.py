@@ -5,13 +5,12 @@ category ids, RLE encoding and image records are identical everywhere.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
+
+from ..utils.atomic import write_json
 
 # Category ids are fixed: 1 = cytoplasm, 2 = nucleus (0 is reserved by COCO tools for "no category").
 CELL_CATEGORIES: List[Dict[str, Any]] = [
@@ -79,14 +78,4 @@ def write_coco_json(
         "annotations": list(annotations),
         "categories": list(categories if categories is not None else CELL_CATEGORIES),
     }
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json(path, data, indent=None)

@@ -13,7 +13,6 @@ Output of :func:`convert_monuseg` under ``out``::
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -22,6 +21,8 @@ from typing import Dict, List, Sequence
 import cv2
 import numpy as np
 from pycocotools import mask as mask_util
+
+from ..utils.atomic import write_image, write_json
 
 __all__ = ["parse_monuseg_xml", "rasterize_polygons", "instances_to_coco", "convert_monuseg", "MONUSEG_SPLITS"]
 
@@ -96,11 +97,10 @@ def convert_monuseg(source: str, out: str, splits: Sequence[str] = MONUSEG_SPLIT
                 raise FileNotFoundError(f"no annotation for {src_img} in {xml_dir}")
             lab = rasterize_polygons(parse_monuseg_xml(xml), img.shape[:2])
             shutil.copyfile(src_img, os.path.join(out_img, image_id + ".png"))
-            cv2.imwrite(os.path.join(out_lab, image_id + ".png"), lab)
+            write_image(os.path.join(out_lab, image_id + ".png"), lab)
             maps[image_id], names[image_id] = lab, image_id + ".png"
             if verbose:
                 print(f"[monuseg {split}] {k + 1}/{len(ids)} {image_id}: {len(np.unique(lab)) - 1} nuclei", flush=True)
-        with open(os.path.join(out, split, f"instances_{split}.json"), "w") as f:
-            json.dump(instances_to_coco(maps, names), f)
+        write_json(os.path.join(out, split, f"instances_{split}.json"), instances_to_coco(maps, names), indent=None)
         counts[split] = {"images": len(ids), "nuclei": int(sum(len(np.unique(m)) - 1 for m in maps.values()))}
     return counts

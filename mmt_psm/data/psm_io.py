@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional
 import cv2
 import numpy as np
 
+from ..utils.atomic import write_json
+
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "read_he_image", "write_index", "read_index", "stem_of"]
 
 logger = logging.getLogger(__name__)
@@ -81,10 +83,6 @@ def read_index(folder: str) -> Dict[str, Any]:
 
 def write_index(folder: str, records: List[Dict[str, Any]], extra: Optional[Dict[str, Any]] = None) -> str:
     """Write ``index.json`` atomically (a killed tool never leaves half a file); returns its path."""
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "index.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"images": records, **(extra or {})}, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {"images": records, **(extra or {})})
     return path

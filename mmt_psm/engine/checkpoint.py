@@ -2,29 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any, BinaryIO, Callable, Dict
+from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-
-def _write_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
-    """``write(f)`` into a temp file next to ``path``, fsync, then rename it over ``path``. On any exception
-    (or KeyboardInterrupt) the temp file is removed and ``path`` keeps its previous content."""
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from ..utils.atomic import write_bytes, write_text
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -48,13 +32,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
         os.makedirs(self.save_dir, exist_ok=True)
-        _write_atomically(save_file, lambda f: torch.save(data, f))
+        write_bytes(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``last_checkpoint`` at ``last_filename_basename`` (temp file + rename: never half-written)."""
         path = os.path.join(self.save_dir, "last_checkpoint")
-        _write_atomically(path, lambda f: f.write(last_filename_basename.encode()))
+        write_text(path, last_filename_basename)
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         model = self.model

@@ -28,6 +28,7 @@ from mmt_psm.evaluation.nuclei_metrics import coco_mask_ap, image_scores, paper_
 from mmt_psm.evaluation.psm_label_quality import mask_counts, pooled_quality, voronoi_counts
 from mmt_psm.modeling.psm.instances import instances_from_probability
 from mmt_psm.modeling.psm.tta import dihedral_probability
+from mmt_psm.utils.atomic import write_image, write_json
 
 __all__ = ["predict_probabilities", "write_instances", "score_labels"]
 
@@ -79,9 +80,9 @@ def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: st
         prob = read_unit_map(os.path.join(prob_dir, r["stem"] + ".png"))
         inst = instances_from_probability(prob, ins.THRESHOLD, ins.MIN_SIZE, watershed=ins.WATERSHED,
                                           sigma=pts.SIGMA, min_distance=pts.MIN_DISTANCE)
-        cv2.imwrite(os.path.join(out_dir, "instances", r["stem"] + ".png"), inst.astype(np.uint16))
-        cv2.imwrite(os.path.join(out_dir, "overlays", r["stem"] + ".png"), _overlay(read_he_image(r["file_name"]),
-                                                                                    inst))
+        write_image(os.path.join(out_dir, "instances", r["stem"] + ".png"), inst.astype(np.uint16))
+        overlay = _overlay(read_he_image(r["file_name"]), inst)
+        write_image(os.path.join(out_dir, "overlays", r["stem"] + ".png"), overlay)
         sc = instance_scores_of(inst, prob)
         for v, s in enumerate(sc, start=1):
             rle = mask_util.encode(np.asfortranarray((inst == v).astype(np.uint8)))
@@ -93,14 +94,12 @@ def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: st
             paper.append(paper_protocol_scores(gt, inst, cfg.PSM.PAPER_CROP))
             maps.append((gt, inst, sc))
         log(f"[psm instances] {image_id + 1}/{len(images)} {r['stem']}: {int(inst.max())} nuclei")
-    with open(os.path.join(out_dir, "predictions_coco.json"), "w") as f:
-        json.dump(results, f)
+    write_json(os.path.join(out_dir, "predictions_coco.json"), results, indent=None)
     metrics: Dict = {}
     if scores:
         metrics = {"full_image": {**summarize_scores(scores), **coco_mask_ap(*zip(*maps))},
                    "paper_protocol": summarize_scores(paper), "per_image": scores}
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_json(os.path.join(out_dir, "metrics.json"), metrics)
         log("[psm metrics] " + json.dumps({k: round(v, 4) for k, v in metrics["full_image"].items()}))
         paper_summary = {k: round(v, 4) for k, v in metrics["paper_protocol"].items()}
         log("[psm metrics paper protocol] " + json.dumps(paper_summary))
@@ -123,7 +122,6 @@ def score_labels(images: List[Dict], folder: str, log: Log = _print) -> Dict:
             vor.append(voronoi_counts(cv2.imread(v, cv2.IMREAD_UNCHANGED), gt, points))
     out = {k: pooled_quality(c) for k, c in (("pseudo_mask", pseudo), ("voronoi", vor)) if c}
     if out:
-        with open(os.path.join(folder, "label_quality.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(os.path.join(folder, "label_quality.json"), out)
         log("[psm label quality] " + json.dumps({k: {a: round(b, 4) for a, b in v.items()} for k, v in out.items()}))
     return out

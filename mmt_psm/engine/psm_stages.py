@@ -18,7 +18,6 @@ stages refuse such a folder and it refuses a label-free one.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -33,6 +32,7 @@ from mmt_psm.modeling.psm.activation import self_activation_map
 from mmt_psm.modeling.psm.pseudo_masks import pseudo_mask
 from mmt_psm.modeling.psm.self_supervised import SelfSupervisedNet, train_self_supervised
 from mmt_psm.modeling.psm.voronoi import detect_points, voronoi_labels
+from mmt_psm.utils.atomic import save_torch, write_image, write_json
 
 __all__ = ["resolve_images", "run_self_supervised", "run_activation", "run_pseudo_masks", "run_voronoi",
            "read_unit_map", "write_unit_map", "update_index", "load_psm_cfg", "touching_borders",
@@ -80,9 +80,7 @@ def resolve_images(source: str, gt: Optional[str] = None) -> List[Dict]:
 
 def write_unit_map(path: str, x: np.ndarray) -> None:
     """A [0, 1] float map as uint8 PNG (255 = 1.0), written atomically."""
-    tmp = path + ".tmp.png"
-    cv2.imwrite(tmp, np.uint8(np.round(np.clip(x, 0, 1) * 255)))
-    os.replace(tmp, path)
+    write_image(path, np.uint8(np.round(np.clip(x, 0, 1) * 255)))
 
 
 def read_unit_map(path: str) -> np.ndarray:
@@ -94,9 +92,7 @@ def read_unit_map(path: str) -> np.ndarray:
 
 
 def _write_label(path: str, lab: np.ndarray) -> None:
-    tmp = path + ".tmp.png"
-    cv2.imwrite(tmp, lab.astype(np.uint8))
-    os.replace(tmp, path)
+    write_image(path, lab.astype(np.uint8))
 
 
 def update_index(folder: str, images: List[Dict]) -> str:
@@ -136,8 +132,7 @@ def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log 
     start = time.perf_counter()
     net = train_self_supervised(pixels, s.ITERS, s.CROP, s.BATCH, s.LR, tuple(s.CHANNELS), seed=cfg.SEED % 2**31,
                                 progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"))
-    torch.save(net.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_torch(path, net.state_dict())
     log(f"[psm stage 1] trained in {time.perf_counter() - start:.0f} s -> {path}")
     return net
 
@@ -190,8 +185,7 @@ def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print
     for _, r, path in _each(images, os.path.join(folder, "voronoi"), "stage 5", log):
         prob = read_unit_map(os.path.join(folder, "probability", r["stem"] + ".png"))
         points = detect_points(prob, pt.SIGMA, pt.MIN_DISTANCE, pt.THRESHOLD)
-        with open(os.path.join(folder, "points", r["stem"] + ".json"), "w") as f:
-            json.dump(points.tolist(), f)
+        write_json(os.path.join(folder, "points", r["stem"] + ".json"), points.tolist(), indent=None)
         _write_label(path, voronoi_labels(points, prob.shape, pt.RADIUS))
     update_index(folder, images)
 
@@ -238,8 +232,7 @@ def run_supervised_labels(images: List[Dict], folder: str, gt_source: str = "", 
         more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"no ground-truth instance map {expected} for image {missing[0]}{more}")
     os.makedirs(os.path.join(folder, "pseudo"), exist_ok=True)
-    with open(os.path.join(folder, GT_MARKER), "w") as f:
-        json.dump({"ground_truth": gt_source or "instance_file_name of the images"}, f)
+    write_json(os.path.join(folder, GT_MARKER), {"ground_truth": gt_source or "instance_file_name of the images"})
     for _, r, path in _each(images, os.path.join(folder, "voronoi"), "supervised labels", log):
         gt_path = r["instance_file_name"]
         inst = cv2.imread(gt_path, cv2.IMREAD_UNCHANGED)

@@ -7,7 +7,6 @@ the PSM paper's protocol (suffix ``_paper``: centre crop ``PSM.PAPER_CROP``, con
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Dict, List, Optional
@@ -18,6 +17,7 @@ from detectron2.config import CfgNode
 from detectron2.evaluation import DatasetEvaluator
 
 from ..modeling.psm.instances import instances_from_probability
+from ..utils.atomic import write_json
 from .nuclei_metrics import coco_mask_ap, image_scores, paper_protocol_scores, summarize_scores
 
 __all__ = ["NucleiInstanceEvaluator", "foreground_probability", "instance_scores_of"]
@@ -78,9 +78,8 @@ class NucleiInstanceEvaluator(DatasetEvaluator):
         if self._paper:
             res.update({f"{k}_paper": v for k, v in summarize_scores(self._paper).items()})
         if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "nuclei_metrics.json"), "w") as f:
-                json.dump({"summary": res, "per_image": self._scores}, f, indent=1)
+            path = os.path.join(self.output_dir, "nuclei_metrics.json")
+            write_json(path, {"summary": res, "per_image": self._scores})
         logger.info(f"{self.dataset_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                                                           if isinstance(v, float)))
         return {"nuclei": res}

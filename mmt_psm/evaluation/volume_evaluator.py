@@ -11,7 +11,6 @@ std over volumes. Empty cases: see :mod:`mmt_psm.evaluation.volume_metrics`.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from collections import OrderedDict, defaultdict
@@ -25,6 +24,7 @@ from tabulate import tabulate
 
 from mmt_psm.data.semantic_mapper import read_label_map
 
+from ..utils.atomic import write_json
 from .volume_metrics import volume_scores
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,8 @@ class VolumeSegEvaluator(DatasetEvaluator):
         result = summarize(per_volume, list(self._structures.values()))
         self._log_table(result, len(per_volume))
         if self._output_dir:
-            os.makedirs(self._output_dir, exist_ok=True)
-            with open(os.path.join(self._output_dir, "volume_metrics.json"), "w") as f:
-                json.dump({"per_volume": per_volume, "summary": result}, f, indent=1)
+            path = os.path.join(self._output_dir, "volume_metrics.json")
+            write_json(path, {"per_volume": per_volume, "summary": result})
         return OrderedDict(sem_seg_volume=result)
 
     def score_volumes(self, slices: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
