@@ -18,17 +18,14 @@ seeds, of the reported model and, for teacher-student arms, of the other one).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.utils.protocol import run_jobs, write_results  # noqa: E402
+from mmt_psm.utils.protocol import final_metrics, run_arm, run_jobs, write_results  # noqa: E402
+from mmt_psm.utils.protocol import markdown as protocol_markdown  # noqa: E402
+from mmt_psm.utils.protocol import summarize as protocol_summarize  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELED = {"DATASETS.TRAIN": "('acdc_p3_seed{s}_labeled',)"}
@@ -59,81 +56,28 @@ TASK = "sem_seg_volume"
 def final_results(run_dir: str) -> Optional[Dict[str, float]]:
     """The volume metrics (flattened ``task/metric`` keys) of the evaluation at the run's LAST iteration, from
     ``metrics.json``; None while the run has not finished (an intermediate evaluation does not count)."""
-    path, config = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
-    if not (os.path.isfile(path) and os.path.isfile(config)):
-        return None
-    import yaml
-
-    with open(config) as f:
-        last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"]) - 1
-    found = None
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if f"{TASK}/Dice" in rec and rec.get("iteration", -1) >= last_iter:
-                found = rec
-    return found
+    return final_metrics(run_dir, lambda rec: f"{TASK}/Dice" in rec)
 
 
-def run_one(arm: str, seed: int, args: argparse.Namespace, extra: List[str]) -> Dict[str, float]:
+def run_one(arm: str, seed: int, args: argparse.Namespace) -> Dict[str, float]:
     """Train + evaluate one arm/seed unless already finished; returns its final metrics."""
-    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
-    done = final_results(run_dir)
-    if done is not None:
-        print(f"[skip] {arm} seed {seed}: finished earlier ({run_dir})", flush=True)
-        return done
-    if args.report_only:
-        raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}")
     config, overrides = ARMS[arm]
-    opts = ["OUTPUT_DIR", run_dir, "SEED", str(seed), "DATALOADER.STREAM_SEED", str(seed)]
-    for k, v in overrides.items():
-        opts += [k, v.format(s=seed)]
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
-           os.path.join(ROOT, "configs", "acdc", config), "--resume", *opts, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    os.makedirs(run_dir, exist_ok=True)
-    print(f"[start] {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if rc != 0:
-        raise RuntimeError(f"{arm} seed {seed} failed (exit {rc}); see {run_dir}/stdout.txt")
-    res = final_results(run_dir)
-    if res is None:
-        raise RuntimeError(f"{arm} seed {seed}: no final evaluation in {run_dir}/metrics.json")
-    print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f} s: Dice {res[f'{TASK}/Dice']:.4f}", flush=True)
-    return res
+    return run_arm(ROOT, arm, seed, os.path.join(args.out, f"{arm}_seed{seed}"),
+                   os.path.join(ROOT, "configs", "acdc", config), overrides, args, final_results,
+                   lambda res: f"Dice {res[f'{TASK}/Dice']:.4f}")
 
 
 def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
-    """``{arm[/student|/teacher]: {metric: [mean, std, n]}}`` over seeds."""
-    table = {}
-    for arm, by_seed in results.items():
-        for suffix in ("", "_student", "_teacher"):
-            key = f"{TASK}{suffix}/Dice"
-            if not all(key in r for r in by_seed.values()):
-                continue
-            row = {}
-            for m in METRICS:
-                vals = np.array([r[f"{TASK}{suffix}/{m}"] for r in by_seed.values()], dtype=float)
-                row[m] = [float(vals.mean()), float(vals.std()), int(vals.size)]
-            table[arm + (f" ({suffix[1:]})" if suffix else "")] = row
-    return table
+    """``{arm[ (student)| (teacher)]: {metric: [mean, std, n]}}`` over seeds: the reported model, then the other."""
+    models = {label: (lambda m, sfx=sfx: f"{TASK}{sfx}/{m}")
+              for label, sfx in (("", ""), (" (student)", "_student"), (" (teacher)", "_teacher"))}
+    return protocol_summarize(results, METRICS, models)
 
 
 def markdown(table: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
     """A markdown table: Dice in [0, 1], HD95 in pixels; mean +- std over seeds (population std)."""
-    head = "| arm | n | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
-    rows = []
-    for arm, row in table.items():
-        n = next(iter(row.values()))[2]
-        digits = {m: 3 if m.startswith("Dice") else 1 for m in METRICS}
-        cells = [f"{row[m][0]:.{digits[m]}f} +- {row[m][1]:.{digits[m]}f}" for m in METRICS]
-        rows.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + f"\n\nseeds: {seeds}; reported model first, the other model in brackets.\n"
+    return protocol_markdown(table, METRICS, lambda m: 3 if m.startswith("Dice") else 1,
+                             f"seeds: {seeds}; reported model first, the other model in brackets.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -152,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # seed-major order: every arm of the first seed finishes before the second seed starts
     jobs = [(a, s) for s in args.seeds for a in args.arms if s == args.seeds[0] or a not in args.single_seed_arms]
     print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
-    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, args, args.opts), args.jobs)
+    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, args), args.jobs)
     table = summarize(results)
     write_results(args.out, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0

@@ -28,17 +28,14 @@ continues from its last checkpoint (``--resume``). Writes <out>/results.json and
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.utils.protocol import run_jobs, write_results  # noqa: E402
+from mmt_psm.utils.protocol import final_metrics, run_arm, run_jobs, train, write_results  # noqa: E402
+from mmt_psm.utils.protocol import markdown as protocol_markdown  # noqa: E402
+from mmt_psm.utils.protocol import summarize as protocol_summarize  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "cpu", "protocol.yaml")
@@ -81,23 +78,7 @@ METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplas
 def final_results(run_dir: str) -> Optional[Dict[str, float]]:
     """Metrics (``task/metric`` keys, teacher and ``*_student``) of the evaluation at the run's LAST iteration,
     from ``metrics.json``; None while the run has not finished (an intermediate evaluation does not count)."""
-    path, config = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
-    if not (os.path.isfile(path) and os.path.isfile(config)):
-        return None
-    import yaml
-
-    with open(config) as f:
-        last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"]) - 1
-    found: Dict[str, float] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("iteration", -1) >= last_iter and any(k.startswith("segm") for k in rec):
-                found.update({k: v for k, v in rec.items() if "/" in k})
-    return found or None
+    return final_metrics(run_dir, lambda rec: any(k.startswith("segm") for k in rec))
 
 
 def ensure_pretrained(args: argparse.Namespace) -> str:
@@ -110,70 +91,31 @@ def ensure_pretrained(args: argparse.Namespace) -> str:
     weights = os.path.join(run_dir, "model_final.pth")
     if not os.path.isfile(weights):
         print(f"[start] shared pre-training -> {run_dir}", flush=True)
-        _call([PRETRAIN, "OUTPUT_DIR", run_dir], run_dir, args)
+        train(ROOT, PRETRAIN, ["OUTPUT_DIR", run_dir, *args.opts], run_dir, args.threads, what="pre-training")
     return weights
 
 
-def _call(config_and_opts: List[str], run_dir: str, args: argparse.Namespace) -> None:
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", *config_and_opts[:1],
-           "--resume", *config_and_opts[1:], *args.opts]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
-        log.write("$ " + " ".join(cmd[1:]) + "\n")
-        log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd[1:4])} failed (exit {rc}); see {run_dir}/stdout.txt")
+def _describe(res: Dict[str, float]) -> str:
+    nan = float("nan")
+    return f"segm AP {res.get('segm/AP', nan):.1f}, AP-cytoplasm {res.get('segm/AP-cytoplasm', nan):.1f}"
 
 
 def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace) -> Dict[str, float]:
     """Train + evaluate one arm/seed unless already finished; returns its final metrics."""
-    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
-    done = final_results(run_dir)
-    if done is not None:
-        print(f"[skip] {arm} seed {seed}: finished earlier ({run_dir})", flush=True)
-        return done
-    if args.report_only:
-        raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}")
-    opts = ["OUTPUT_DIR", run_dir, "SEED", str(seed), "DATALOADER.STREAM_SEED", str(seed), "MODEL.WEIGHTS", weights]
-    for k, v in ARMS[arm].items():
-        opts += [k, v.format(s=seed)]
-    print(f"[start] {arm} seed {seed}", flush=True)
-    t0 = time.time()
-    _call([BASE, *opts], run_dir, args)
-    res = final_results(run_dir)
-    if res is None:
-        raise RuntimeError(f"{arm} seed {seed}: no final evaluation in {run_dir}/metrics.json")
-    print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f} s: segm AP {res.get('segm/AP', float('nan')):.1f}, "
-          f"AP-cytoplasm {res.get('segm/AP-cytoplasm', float('nan')):.1f}", flush=True)
-    return res
+    overrides = {"MODEL.WEIGHTS": weights, **ARMS[arm]}
+    return run_arm(ROOT, arm, seed, os.path.join(args.out, f"{arm}_seed{seed}"), BASE, overrides, args,
+                   final_results, _describe)
 
 
 def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
     """``{arm (teacher|student): {metric: [mean, std, n]}}`` over the seeds that finished."""
-    table = {}
-    for arm, by_seed in results.items():
-        for model, suffix in (("teacher", ""), ("student", "_student")):
-            keys = {m: m.replace("/", f"{suffix}/", 1) for m in METRICS}
-            if not by_seed or not all(keys["segm/AP"] in r for r in by_seed.values()):
-                continue
-            row = {}
-            for m, key in keys.items():
-                vals = np.array([r.get(key, np.nan) for r in by_seed.values()], dtype=float)
-                row[m] = [float(vals.mean()), float(vals.std()), int(vals.size)]
-            table[f"{arm} ({model})"] = row
-    return table
+    return protocol_summarize(results, METRICS, {" (teacher)": lambda m: m,
+                                                  " (student)": lambda m: m.replace("/", "_student/", 1)})
 
 
 def markdown(table: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
     """A markdown table in %: mean +- std over seeds (population std)."""
-    head = "| arm | n | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
-    rows = []
-    for arm, row in table.items():
-        n = row["segm/AP"][2]
-        rows.append(f"| {arm} | {n} | " + " | ".join(f"{row[m][0]:.1f} +- {row[m][1]:.1f}" for m in METRICS) + " |")
-    return head + "\n".join(rows) + f"\n\nseeds: {seeds}; all values in %.\n"
+    return protocol_markdown(table, METRICS, lambda m: 1, f"seeds: {seeds}; all values in %.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
