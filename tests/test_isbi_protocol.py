@@ -36,6 +36,7 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
     assert cfgs["mmt_psm"].MODEL.MMT_PSM.MINING and not cfgs["mean_teacher"].MODEL.MMT_PSM.MINING
     plus, paper = cfgs["mmt_psm_plus"].MODEL.MMT_PSM, cfgs["mmt_psm"].MODEL.MMT_PSM
     assert plus.MASK_DISTILL and not paper.MASK_DISTILL and not paper.FUSE_ALL_VIEWS
+    assert not plus.MGD_LOSS and paper.MGD_LOSS and cfgs["mmt_psm_fuse_distill"].MODEL.MMT_PSM.MGD_LOSS
     # the plus config file holds exactly the protocol's plus switches
     full = get_cfg()
     add_mmt_psm_config(full)

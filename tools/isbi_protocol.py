@@ -14,12 +14,15 @@ and student box-head dropout; they differ only in what the protocol compares:
   that separates "EMA weights" from "unlabeled data").
 * ``mean_teacher``: + the other 4 train frames and the 4 EDF images unlabeled, plain Mean Teacher switches.
 * ``mmt_psm``: the paper's method (``configs/mmt_psm_R50.yaml`` switches).
-* ``mmt_psm_plus``: + the switches of ``configs/mmt_psm_plus_R50.yaml`` (``PLUS`` below).
+* ``mmt_psm_plus``: the switches of ``configs/mmt_psm_plus_R50.yaml`` (``PLUS`` below): the paper's method +
+  view fusion + mask distillation, without the feature loss (it lowers cytoplasm AP here, BENCHMARKS.md).
+  Before 2026-11-24 this arm was called ``mmt_psm_plus_no_mgd``.
 * ``supervised_n6``: all 6 labeled frames (upper bound), no unlabeled stream.
 * ablations (run when named): ``mmt_psm_mask_distill``, ``mmt_psm_fuse``, ``mmt_psm_fg_sum``,
   ``mmt_psm_thr07``, ``mmt_psm_labeled_aug`` (the paper's method + one switch each), ``mmt_psm_w0`` (control:
   unsupervised losses weighted 0), ``mmt_psm_no_mgd`` / ``mmt_psm_no_psm`` (the paper's method without one of
-  its two unsupervised losses), ``mmt_psm_plus_no_mgd`` (plus without the feature loss).
+  its two unsupervised losses), ``mmt_psm_fuse_distill`` (plus WITH the feature loss: the plus config until
+  2026-11-24, then called ``mmt_psm_plus``).
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
@@ -45,7 +48,7 @@ UNLABELED = {"DATASETS.TRAIN_UNLABELED": "('isbi2015_unlabeled',)", "SEMI.IMS_PE
 SUPERVISED = {"DATASETS.TRAIN_UNLABELED": "()", "SEMI.IMS_PER_BATCH_UNLABELED": "0"}
 MEAN_TEACHER = {"MODEL.MMT_PSM.NUM_TEACHER_COPIES": "1", "MODEL.MMT_PSM.TEACHER_FLIP": "False",
                 "MODEL.MMT_PSM.MINING": "False", "MODEL.MMT_PSM.MGD_USE_MASK": "False"}
-PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True"}
+PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True", "MODEL.MMT_PSM.MGD_LOSS": "False"}
 ARMS: Dict[str, Dict[str, str]] = {
     "supervised_n2": {"DATASETS.SPLIT_FILE": SPLIT, **SUPERVISED},
     "mean_teacher": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **MEAN_TEACHER},
@@ -67,8 +70,8 @@ ARMS: Dict[str, Dict[str, str]] = {
     # which unsupervised loss moves cytoplasm AP: the paper's method without one of its two losses
     "mmt_psm_no_mgd": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.MGD_LOSS": "False"},
     "mmt_psm_no_psm": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.PSM_LOSS": "False"},
-    # plus without the feature loss (loss_mgd lowers cytoplasm AP at this protocol, BENCHMARKS.md)
-    "mmt_psm_plus_no_mgd": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS, "MODEL.MMT_PSM.MGD_LOSS": "False"},
+    # plus with the paper's feature loss kept (the plus config until 2026-11-24)
+    "mmt_psm_fuse_distill": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS, "MODEL.MMT_PSM.MGD_LOSS": "True"},
 }
 DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus", "supervised_n6"]
 METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
