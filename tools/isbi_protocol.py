@@ -22,7 +22,8 @@ and student box-head dropout; they differ only in what the protocol compares:
   ``mmt_psm_thr07``, ``mmt_psm_labeled_aug`` (the paper's method + one switch each), ``mmt_psm_w0`` (control:
   unsupervised losses weighted 0), ``mmt_psm_no_mgd`` / ``mmt_psm_no_psm`` (the paper's method without one of
   its two unsupervised losses), ``mmt_psm_fuse_distill`` (plus WITH the feature loss: the plus config until
-  2026-11-24, then called ``mmt_psm_plus``).
+  2026-11-24, then called ``mmt_psm_plus``), ``mmt_psm_plus_mgd02`` (plus with the feature loss at weight 0.2),
+  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5).
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
@@ -72,6 +73,12 @@ ARMS: Dict[str, Dict[str, str]] = {
     "mmt_psm_no_psm": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, "MODEL.MMT_PSM.PSM_LOSS": "False"},
     # plus with the paper's feature loss kept (the plus config until 2026-11-24)
     "mmt_psm_fuse_distill": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS, "MODEL.MMT_PSM.MGD_LOSS": "True"},
+    # plus with the feature loss at a fifth of the paper's weight (its backbone pull ~ the mask loss's, not 2x)
+    "mmt_psm_plus_mgd02": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS, "MODEL.MMT_PSM.MGD_LOSS": "True",
+                           "MODEL.MMT_PSM.MGD_WEIGHT": "0.2"},
+    # plus with pseudo-labels from detections >= 0.5 (cytoplasm pseudo-label precision ~0.45 instead of < 0.1)
+    "mmt_psm_plus_thr05": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS,
+                           "MODEL.MMT_PSM.PSEUDO_SCORE_THRESH": "0.5"},
 }
 DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus", "supervised_n6"]
 METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
