@@ -57,8 +57,24 @@ def test_image_opencv_cannot_write_is_an_error_naming_the_file(tmp_path):
 
     path = str(tmp_path / "map.png")
     write_image(path, np.zeros((2, 2), np.uint8))
-    with pytest.raises(OSError, match=r"cannot write image .*map\.png .*float64"):
-        write_image(path, np.zeros((2, 2, 7)))  # 7 channels: PNG cannot hold them, cv2.imwrite says False
+    with pytest.raises(OSError, match=r"cannot write image .*map\.png .*float64.*channels"):
+        write_image(path, np.zeros((2, 2, 7)))  # 7 channels: PNG cannot hold them, cv2.imwrite raises cv2.error
+    assert sorted(os.listdir(tmp_path)) == ["map.png"]
+
+
+def test_image_opencv_returning_false_is_an_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import cv2
+    import numpy as np
+
+    from mmt_psm.utils.atomic import write_image
+
+    path = str(tmp_path / "map.png")
+    write_image(path, np.full((2, 2), 7, np.uint8))
+    monkeypatch.setattr(cv2, "imwrite", lambda *a, **k: False)  # e.g. a full disk: OpenCV only says False
+    with pytest.raises(OSError, match=r"cannot write image .*map\.png \(shape \(2, 2\), dtype uint8\)$"):
+        write_image(path, np.zeros((2, 2), np.uint8))
+    monkeypatch.undo()
+    assert cv2.imread(path, cv2.IMREAD_UNCHANGED).tolist() == [[7, 7], [7, 7]]
     assert sorted(os.listdir(tmp_path)) == ["map.png"]
 
 

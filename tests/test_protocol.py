@@ -2,6 +2,7 @@
 trains with the seed's streams and the arm's overrides (extra options last), a failed training names its log."""
 import argparse
 import json
+import math
 import os
 
 import pytest
@@ -29,7 +30,7 @@ def test_unfinished_run_trains_with_seed_streams_and_overrides(tmp_path, monkeyp
     d = str(tmp_path / "arm_seed3")
     calls = []
 
-    def fake_train(root, config, opts, run_dir, threads, what=""):
+    def fake_train(root, config, opts, run_dir, threads, what):
         calls.append((root, config, list(opts), run_dir, threads, what))
         os.makedirs(run_dir, exist_ok=True)
         open(os.path.join(run_dir, "config.yaml"), "w").write("SOLVER:\n  MAX_ITER: 10\n")
@@ -63,6 +64,6 @@ def test_summary_lists_a_model_only_when_every_seed_has_it_and_nan_for_a_missing
     table = protocol.summarize(results, ["x", "y"], {"": lambda m: m, " (s)": lambda m: m + "_s"})
     assert list(table) == ["a"]
     assert table["a"]["x"] == [2.0, 1.0, 2]
-    assert table["a"]["y"][2] == 2 and table["a"]["y"][0] != table["a"]["y"][0]  # NaN: seed 2 lacks y
+    assert table["a"]["y"][2] == 2 and math.isnan(table["a"]["y"][0])  # seed 2 lacks y
     md = protocol.markdown(table, ["x"], lambda m: 2, "footer")
     assert md == "| arm | n | x |\n|---|---|---|\n| a | 2 | 2.00 +- 1.00 |\n\nfooter\n"

@@ -99,7 +99,6 @@ def main(argv=None) -> int:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model = extract_model(state["model"] if "model" in state else state, args.which)
 
-    os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, f"model_{args.which}.pth")
     save_torch(weights, {"model": model})
     plain = plain_config(cfg, os.path.abspath(weights))

@@ -81,8 +81,7 @@ def convert_monuseg(source: str, out: str, splits: Sequence[str] = MONUSEG_SPLIT
         if not os.path.isdir(img_dir) or not os.path.isdir(xml_dir):
             raise FileNotFoundError(f"MoNuSeg {split}: expected {img_dir} and {xml_dir}")
         out_img, out_lab = os.path.join(out, split, "images"), os.path.join(out, split, "labels")
-        os.makedirs(out_img, exist_ok=True)
-        os.makedirs(out_lab, exist_ok=True)
+        os.makedirs(out_img, exist_ok=True)  # shutil.copyfile below; the label / JSON writers create theirs
         maps, names = {}, {}
         ids = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir) if f.lower().endswith(".png"))
         for k, image_id in enumerate(ids):

@@ -4,11 +4,10 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from ..utils.atomic import write_bytes, write_text
+from ..utils.atomic import save_torch, write_text
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -31,8 +30,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        os.makedirs(self.save_dir, exist_ok=True)
-        write_bytes(save_file, lambda f: torch.save(data, f))
+        save_torch(save_file, data)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

@@ -73,8 +73,6 @@ def _overlay(image: np.ndarray, inst: np.ndarray) -> np.ndarray:
 def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: str, log: Log = _print) -> Dict:
     """Instance maps, COCO results, overlays (and metrics when GT exists) under ``out_dir``; returns metrics."""
     ins, pts = cfg.PSM.INSTANCES, cfg.PSM.POINTS
-    for sub in ("instances", "overlays"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     results, scores, paper, maps = [], [], [], []
     for image_id, r in enumerate(images):
         prob = read_unit_map(os.path.join(prob_dir, r["stem"] + ".png"))

@@ -181,7 +181,6 @@ def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print
     """Stage 5: points and Voronoi labels from ``probability/<stem>.png`` (the detection network's output)."""
     _refuse_gt_folder(folder)
     pt = cfg.PSM.POINTS
-    os.makedirs(os.path.join(folder, "points"), exist_ok=True)
     for _, r, path in _each(images, os.path.join(folder, "voronoi"), "stage 5", log):
         prob = read_unit_map(os.path.join(folder, "probability", r["stem"] + ".png"))
         points = detect_points(prob, pt.SIGMA, pt.MIN_DISTANCE, pt.THRESHOLD)
@@ -231,7 +230,6 @@ def run_supervised_labels(images: List[Dict], folder: str, gt_source: str = "", 
         expected = os.path.join(gt_source, stem + ".png") if os.path.isdir(gt_source) else f"{gt_source}: {stem}"
         more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"no ground-truth instance map {expected} for image {missing[0]}{more}")
-    os.makedirs(os.path.join(folder, "pseudo"), exist_ok=True)
     write_json(os.path.join(folder, GT_MARKER), {"ground_truth": gt_source or "instance_file_name of the images"})
     for _, r, path in _each(images, os.path.join(folder, "voronoi"), "supervised labels", log):
         gt_path = r["instance_file_name"]

@@ -3,6 +3,7 @@ evaluation, train one arm x seed through tools/train_net.py (resumable), run the
 mean +- std over seeds, and write results.json / results.md atomically."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def final_metrics(run_dir: str, is_evaluation: Callable[[Dict], bool]) -> Option
     return found or None
 
 
-def train(root: str, config: str, opts: Sequence[str], run_dir: str, threads: int, what: str = "") -> None:
+def train(root: str, config: str, opts: Sequence[str], run_dir: str, threads: int, what: str) -> None:
     """``root/tools/train_net.py --config-file config --resume *opts`` in ``root`` with ``threads`` torch threads,
     its output appended to ``run_dir/stdout.txt``; a RuntimeError naming ``what`` and that file when it fails."""
     cmd = [sys.executable, os.path.join(root, "tools", "train_net.py"), "--config-file", config, "--resume", *opts]
@@ -54,10 +55,11 @@ def train(root: str, config: str, opts: Sequence[str], run_dir: str, threads: in
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     if rc != 0:
-        raise RuntimeError(f"{what or os.path.basename(config)} failed (exit {rc}); see {run_dir}/stdout.txt")
+        raise RuntimeError(f"{what} failed (exit {rc}); see {run_dir}/stdout.txt")
 
 
-def run_arm(root: str, arm: str, seed: int, run_dir: str, config: str, overrides: Mapping[str, str], args,
+def run_arm(root: str, arm: str, seed: int, run_dir: str, config: str, overrides: Mapping[str, str],
+            args: argparse.Namespace,
             final: Callable[[str], Optional[Metrics]], describe: Callable[[Metrics], str]) -> Metrics:
     """Train + evaluate one arm / seed unless ``final(run_dir)`` says it finished; returns its final metrics.
 
