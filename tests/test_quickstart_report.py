@@ -1,9 +1,12 @@
-"""tools/quickstart.py's report: the pseudo-label line averages the monitor's records per class, and the verdict
-says what the two runs' numbers say (no hard-coded claim)."""
+"""tools/quickstart.py: the pseudo-label line averages the monitor's records per class, the verdict
+says what the two runs' numbers say (no hard-coded claim), and the side-by-side trainings report progress
+and failures."""
 import json
 import os
 import runpy
+import sys
 
+import pytest
 from common import REPO
 
 TOOL = runpy.run_path(os.path.join(REPO, "tools", "quickstart.py"))
@@ -37,3 +40,24 @@ def test_verdict_follows_the_numbers():
         sup, {"segm/AP": 38.0, "cell/AJI-cytoplasm": 49.0})
     assert "teacher beats supervised" in TOOL["verdict"](sup, {"segm/AP": 41.0, "cell/AJI-cytoplasm": 50.5})
     assert "is mixed against" in TOOL["verdict"](sup, {"segm/AP": 41.0, "cell/AJI-cytoplasm": 49.0})
+
+
+def test_last_iteration_reads_detectron2s_console_line(tmp_path):
+    log = tmp_path / "run.log"
+    assert TOOL["last_iteration"](str(log)) == "starting"
+    log.write_text("[11/24 13:44:01 d2.engine.train_loop]: Starting training from iteration 0\n")
+    assert TOOL["last_iteration"](str(log)) == "starting"
+    log.write_text("[11/24 13:44:01 d2.utils.events]:  eta: 0:05:12  iter: 19  total_loss: 2.1\n"
+                   "[11/24 13:44:31 d2.utils.events]:  eta: 0:04:40  iter: 39  total_loss: 1.8\n")
+    assert TOOL["last_iteration"](str(log)) == "39"
+
+
+def test_run_parallel_runs_every_job_with_one_thread_and_names_a_failed_log(tmp_path):
+    code = "import os; print('threads', os.environ['OMP_NUM_THREADS'])"
+    logs = {n: str(tmp_path / f"{n}.log") for n in ("a", "b")}
+    TOOL["run_parallel"]({n: [sys.executable, "-c", code] for n in logs}, logs, poll_s=0.05)
+    assert all(open(p).read().strip() == "threads 1" for p in logs.values())
+    jobs = {"a": [sys.executable, "-c", "import time; time.sleep(30)"],
+            "b": [sys.executable, "-c", "raise SystemExit(3)"]}
+    with pytest.raises(RuntimeError, match=r"training 'b' failed \(exit 3\); see .*b\.log"):
+        TOOL["run_parallel"](jobs, logs, poll_s=0.05)

@@ -28,6 +28,46 @@ def run(cmd: List[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
+def last_iteration(log: str) -> str:
+    """The newest ``iter: N`` Detectron2's console writer printed to ``log`` ('starting' before the first)."""
+    try:
+        with open(log, errors="replace") as f:
+            lines = [ln for ln in f if " iter: " in ln]
+    except OSError:
+        return "starting"
+    return lines[-1].split(" iter: ")[1].split()[0] if lines else "starting"
+
+
+def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float = 30.0) -> None:
+    """Runs the trainings side by side, one torch thread each, so both cores work (one small model does not
+    scale to two threads); each writes its console to ``logs[name]``; progress every ``poll_s`` seconds.
+    A failure stops the others and raises, naming the failed run's log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = {}
+    for name, cmd in jobs.items():
+        os.makedirs(os.path.dirname(logs[name]) or ".", exist_ok=True)
+        print("+", " ".join(cmd), ">", logs[name], flush=True)
+        with open(logs[name], "w") as out:
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    start = time.time()
+    while procs:
+        time.sleep(poll_s if all(p.poll() is None for p in procs.values()) else 0)
+        for name, proc in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            del procs[name]
+            if proc.returncode != 0:
+                for other in procs.values():
+                    other.terminate()
+                    other.wait()
+                raise RuntimeError(f"quickstart: training '{name}' failed (exit {proc.returncode}); "
+                                   f"see {logs[name]}")
+            print(f"[{time.time() - start:.0f} s] {name} finished", flush=True)
+        if procs:
+            state = ", ".join(f"{n} iter {last_iteration(logs[n])}" for n in procs)
+            print(f"[{time.time() - start:.0f} s] {state}", flush=True)
+
+
 def final_metrics(output_dir: str) -> Dict[str, float]:
     """The last evaluation written by Detectron2's EvalHook to metrics.json."""
     last: Dict[str, float] = {}
@@ -95,8 +135,13 @@ def main(argv=None) -> int:
     start = time.time()
     run([py, "datasets/prepare_synthetic.py"])
     sup_dir, mmt_dir = os.path.join(args.output, "supervised"), os.path.join(args.output, "mmt_psm")
-    run([py, "tools/train_net.py", "--config-file", "configs/quickstart/supervised.yaml", "OUTPUT_DIR", sup_dir])
-    run([py, "tools/train_net.py", "--config-file", "configs/quickstart/mmt_psm.yaml", "OUTPUT_DIR", mmt_dir])
+    run_parallel(
+        {"supervised": [py, "tools/train_net.py", "--config-file", "configs/quickstart/supervised.yaml",
+                        "OUTPUT_DIR", sup_dir],
+         "mmt_psm": [py, "tools/train_net.py", "--config-file", "configs/quickstart/mmt_psm.yaml",
+                     "OUTPUT_DIR", mmt_dir]},
+        {"supervised": os.path.join(args.output, "supervised.console.log"),
+         "mmt_psm": os.path.join(args.output, "mmt_psm.console.log")})
 
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
