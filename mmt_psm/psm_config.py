@@ -56,6 +56,9 @@ def add_psm_config(cfg: CN) -> None:
     cfg.PSM.INSTANCES.THRESHOLD = 0.5
     cfg.PSM.INSTANCES.MIN_SIZE = 30
     cfg.PSM.INSTANCES.WATERSHED = False
+    # what the watershed floods: "probability" (-blurred probability, flat where the network saturates) or
+    # "distance" (-distance to the background: touching nuclei split at their neck)
+    cfg.PSM.INSTANCES.SURFACE = "probability"
     # ---- inference: average the foreground probability over the 8 rot90/flip views (not in the paper; 8x the
     # inference time); used wherever a PSM network's probability is computed (stage-5 points and predictions)
     cfg.PSM.TEST = CN()

@@ -108,3 +108,22 @@ def test_detect_points_and_instances():
     ws = instances_from_probability(p2, 0.5, 10, watershed=True, points=np.array([[30, 28], [30, 44]]))
     assert ws.max() == 2 and ws[30, 28] != ws[30, 44]
     assert instances_from_probability(np.zeros((10, 10), np.float32)).max() == 0
+
+
+def test_watershed_on_the_distance_surface_splits_touching_nuclei_at_their_neck():
+    # two saturated touching disks (r 12, centres 22 px apart); one marker off-centre, as a blurred-probability
+    # peak can be: flooding the flat probability lets the central marker take both disks, flooding the distance
+    # to the background stops each marker's basin at the neck, so each disk's own pixels keep its marker's id
+    yy, xx = np.mgrid[:60, :90]
+    a = (yy - 30) ** 2 + (xx - 28) ** 2 <= 144
+    b = (yy - 30) ** 2 + (xx - 50) ** 2 <= 144
+    prob = (a | b).astype(np.float32)
+    markers = np.array([[24, 28], [30, 50]])
+    dist = instances_from_probability(prob, 0.5, 10, watershed=True, points=markers, sigma=4, surface="distance")
+    assert dist.max() == 2
+    assert np.all(dist[a & ~b] == dist[24, 28]) and np.all(dist[b & ~a] == dist[30, 50])
+    assert dist[24, 28] != dist[30, 50]
+    flat = instances_from_probability(prob, 0.5, 10, watershed=True, points=markers, sigma=4)
+    assert flat.max() == 1
+    with pytest.raises(ValueError, match="surface 'height'"):
+        instances_from_probability(prob, 0.5, 10, watershed=True, points=markers, surface="height")

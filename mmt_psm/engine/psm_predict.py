@@ -77,7 +77,7 @@ def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: st
     for image_id, r in enumerate(images):
         prob = read_unit_map(os.path.join(prob_dir, r["stem"] + ".png"))
         inst = instances_from_probability(prob, ins.THRESHOLD, ins.MIN_SIZE, watershed=ins.WATERSHED,
-                                          sigma=pts.SIGMA, min_distance=pts.MIN_DISTANCE)
+                                          sigma=pts.SIGMA, min_distance=pts.MIN_DISTANCE, surface=ins.SURFACE)
         write_image(os.path.join(out_dir, "instances", r["stem"] + ".png"), inst.astype(np.uint16))
         overlay = _overlay(read_he_image(r["file_name"]), inst)
         write_image(os.path.join(out_dir, "overlays", r["stem"] + ".png"), overlay)

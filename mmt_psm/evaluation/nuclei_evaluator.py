@@ -65,7 +65,7 @@ class NucleiInstanceEvaluator(DatasetEvaluator):
             prob = foreground_probability(out["sem_seg"])
             pred = instances_from_probability(
                 prob, self.inst.THRESHOLD, self.inst.MIN_SIZE, watershed=self.inst.WATERSHED,
-                sigma=self.points.SIGMA, min_distance=self.points.MIN_DISTANCE)
+                sigma=self.points.SIGMA, min_distance=self.points.MIN_DISTANCE, surface=self.inst.SURFACE)
             self._scores.append(image_scores(gt, pred))
             if self.paper_crop > 0:
                 self._paper.append(paper_protocol_scores(gt, pred, self.paper_crop))
