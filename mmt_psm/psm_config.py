@@ -51,6 +51,12 @@ def add_psm_config(cfg: CN) -> None:
     cfg.PSM.POINTS.MIN_DISTANCE = 6  # px between two points (MoNuSeg nuclei: ~ 8-15 px radius at 40x)
     cfg.PSM.POINTS.THRESHOLD = 0.5
     cfg.PSM.POINTS.RADIUS = 2  # dilation of a point into the nucleus label (authors: disk(2))
+    # ---- stage 5b (not in the paper): stage 6's pseudo-mask term learns the detection network's confident output
+    # instead of the k-means mask: p >= FG nucleus, p <= BG background, between ignored (BENCHMARKS.md, PSM)
+    cfg.PSM.REFINE = CN()
+    cfg.PSM.REFINE.ENABLED = False
+    cfg.PSM.REFINE.FG = 0.7
+    cfg.PSM.REFINE.BG = 0.3
     # ---- instances from the final probability: connected components (paper) or watershed from the points
     cfg.PSM.INSTANCES = CN()
     cfg.PSM.INSTANCES.THRESHOLD = 0.5

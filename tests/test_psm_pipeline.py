@@ -58,6 +58,30 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert "[psm stage 3] 1/2 tile0: exists, skipped" in log
 
 
+def test_pipeline_with_refined_masks_trains_stage6_on_them(tmp_path, capsys):
+    images, gt = str(tmp_path / "tiles"), str(tmp_path / "gt")
+    write_tiles(images, n=2, size=(64, 64), gt_folder=gt)
+    out = str(tmp_path / "run")
+    base = ["--images", images, "--out", out, "--train-gt", gt, "--det-iters", "2", "--seg-iters", "2"] + TINY
+    assert _tool("psm_pipeline").main(base + ["PSM.REFINE.ENABLED", "True"]) == 0
+    labels = os.path.join(out, "labels")
+    index = json.load(open(os.path.join(labels, "index.json")))
+    assert [r["pseudo_mask"] for r in index["images"]] == ["refined/tile0.png", "refined/tile1.png"]
+    for stem in ("tile0", "tile1"):  # the band of the detection network's probability, pixel for pixel
+        prob = cv2.imread(os.path.join(labels, "probability", stem + ".png"), -1) / 255.0
+        ref = cv2.imread(os.path.join(labels, "refined", stem + ".png"), -1)
+        assert np.array_equal(ref == 1, prob >= 0.7) and np.array_equal(ref == 0, prob <= 0.3)
+        assert np.all(ref[(prob > 0.3) & (prob < 0.7)] == 255)
+    quality = json.load(open(os.path.join(labels, "label_quality.json")))
+    assert {"pseudo_mask", "voronoi", "refined_mask"} <= set(quality)
+    assert "stage 5 (points, Voronoi labels, refined masks)" in capsys.readouterr().out
+    seg = os.path.join(out, "segmentation", "model_final.pth")
+    os.remove(seg)  # retraining stage 6 without the switch would silently use the refined masks: refused
+    with pytest.raises(ValueError, match="refined pseudo masks .* PSM.REFINE.ENABLED True"):
+        _tool("psm_pipeline").main(base)
+    assert not os.path.isfile(seg)
+
+
 def test_stage_tool_bad_inputs(tmp_path):
     stage = _tool("psm_stage")
     (tmp_path / "empty").mkdir()

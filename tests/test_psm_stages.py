@@ -6,6 +6,7 @@ import pytest
 import torch
 from psm_common import he_tile
 
+from mmt_psm.engine.psm_stages import refined_mask
 from mmt_psm.modeling.psm.activation import self_activation_map
 from mmt_psm.modeling.psm.instances import instances_from_probability
 from mmt_psm.modeling.psm.pseudo_masks import pseudo_mask
@@ -127,3 +128,11 @@ def test_watershed_on_the_distance_surface_splits_touching_nuclei_at_their_neck(
     assert flat.max() == 1
     with pytest.raises(ValueError, match="surface 'height'"):
         instances_from_probability(prob, 0.5, 10, watershed=True, points=markers, surface="height")
+
+
+def test_refined_mask_bands_the_probability():
+    prob = np.array([[0.1, 0.3, 0.5], [0.7, 0.9, 0.31]], np.float32)
+    assert refined_mask(prob, 0.7, 0.3).tolist() == [[0, 0, 255], [1, 1, 255]]
+    assert refined_mask(prob, 0.5, 0.49, ignore_value=9).tolist() == [[0, 0, 1], [1, 1, 0]]
+    with pytest.raises(ValueError, match="need 0 <= BG < FG <= 1, got BG 0.6, FG 0.4"):
+        refined_mask(prob, 0.4, 0.6)

@@ -6,7 +6,8 @@
         --train-gt monuseg_train_labels_for_eval --out output/psm_monuseg          # MoNuSeg protocol
 
 Stages: (1-2) self-supervised net + self-activation maps, (3) k-means pseudo masks, (4) detection network
-(``tools/train_net.py``'s main with configs/psm/detection.yaml), (5) points + Voronoi labels, (6) segmentation network
+(``tools/train_net.py``'s main with configs/psm/detection.yaml), (5) points + Voronoi labels (5b with
+``PSM.REFINE.ENABLED``: the detection network's confident pixels replace the pseudo masks), (6) segmentation network
 (configs/psm/segmentation.yaml, initialised from stage 4), then instance maps, COCO results JSON and overlays for
 ``--test`` (default: the training images themselves). Every stage resumes: rerun the same command after an
 interruption. ``--train-gt`` only scores the labels (logged, label_quality.json); ``--test`` metrics are written
@@ -40,6 +41,7 @@ from mmt_psm.engine.psm_stages import (
     resolve_images,
     run_activation,
     run_pseudo_masks,
+    run_refined_masks,
     run_supervised_labels,
     run_voronoi,
     update_index,
@@ -117,8 +119,9 @@ def main(argv=None) -> int:
     if not a.supervised:
         predict_probabilities(cfg, det, images, os.path.join(labels, "probability"))
         run_voronoi(images, labels, cfg)
+        run_refined_masks(images, labels, cfg)
         score_labels(images, labels)
-        lap("stage 5 (points, Voronoi labels)")
+        lap("stage 5 (points, Voronoi labels" + (", refined masks)" if cfg.PSM.REFINE.ENABLED else ")"))
     seg = train(seg_cfg_file, os.path.join(a.out, "segmentation"), labels, a.seg_iters, a.opts,
                 init="" if a.seg_from_scratch else det)
     lap("stage 6 (segmentation network)")

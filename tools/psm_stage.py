@@ -5,6 +5,7 @@
     python tools/psm_stage.py pseudo-masks --images DIR|DATASET --labels LABELS       # stage 3
     python tools/psm_stage.py voronoi      --images ... --labels LABELS --weights detection/model_final.pth
                                            # stage 5: detection-net probabilities -> points -> Voronoi labels
+                                           # (+ refined masks from them with PSM.REFINE.ENABLED True)
     python tools/psm_stage.py predict      --images ... --out OUT --weights segmentation/model_final.pth
                                            # instances (uint16 PNG), COCO results JSON, overlays, metrics
     python tools/psm_stage.py pseudo-instances --images ... --labels LABELS --out OUT
@@ -33,6 +34,7 @@ from mmt_psm.engine.psm_stages import (
     resolve_images,
     run_activation,
     run_pseudo_masks,
+    run_refined_masks,
     run_supervised_labels,
     run_voronoi,
     update_index,
@@ -74,6 +76,7 @@ def run(argv=None) -> int:
     elif a.stage == "voronoi":
         predict_probabilities(cfg, a.weights, images, os.path.join(a.labels, "probability"))
         run_voronoi(images, a.labels, cfg)
+        run_refined_masks(images, a.labels, cfg)
         score_labels(images, a.labels)
     else:
         if not a.out:

@@ -106,7 +106,7 @@ def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: st
 
 def score_labels(images: List[Dict], folder: str, log: Log = _print) -> Dict:
     """Pooled quality of ``folder``'s pseudo masks / Voronoi labels / points against images' GT (when any)."""
-    pseudo, vor = [], []
+    pseudo, vor, refined = [], [], []
     for r in images:
         if "instance_file_name" not in r:
             continue
@@ -114,11 +114,15 @@ def score_labels(images: List[Dict], folder: str, log: Log = _print) -> Dict:
         p = os.path.join(folder, "pseudo", r["stem"] + ".png")
         if os.path.isfile(p):
             pseudo.append(mask_counts(cv2.imread(p, cv2.IMREAD_UNCHANGED), gt))
+        p = os.path.join(folder, "refined", r["stem"] + ".png")
+        if os.path.isfile(p):  # 0/1/255 like the Voronoi labels: nucleus / background precision, labelled share
+            refined.append(voronoi_counts(cv2.imread(p, cv2.IMREAD_UNCHANGED), gt))
         v, pt = os.path.join(folder, "voronoi", r["stem"] + ".png"), os.path.join(folder, "points", r["stem"] + ".json")
         if os.path.isfile(v):
             points = np.asarray(json.load(open(pt))) if os.path.isfile(pt) else None
             vor.append(voronoi_counts(cv2.imread(v, cv2.IMREAD_UNCHANGED), gt, points))
-    out = {k: pooled_quality(c) for k, c in (("pseudo_mask", pseudo), ("voronoi", vor)) if c}
+    out = {k: pooled_quality(c) for k, c in (("pseudo_mask", pseudo), ("voronoi", vor), ("refined_mask", refined))
+           if c}
     if out:
         write_json(os.path.join(folder, "label_quality.json"), out)
         log("[psm label quality] " + json.dumps({k: {a: round(b, 4) for a, b in v.items()} for k, v in out.items()}))

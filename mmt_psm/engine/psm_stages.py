@@ -11,6 +11,8 @@ prints one progress line per image, and keeps the folder's ``index.json`` (read 
     probability/<stem>.png  detection-network foreground probability (uint8, 255 = 1.0; from psm_predict)
     voronoi/<stem>.png      stage 5 labels (0 background, 1 nucleus, 255 ignore)
     points/<stem>.json      stage 5 points (row, col)
+    refined/<stem>.png      optional stage 5b mask from the probability (0, 1, 255 ignore); when present it is
+                            the pseudo-mask label stage 6 trains on (``PSM.REFINE``)
 Ground-truth labels never enter a label-free folder: quality against them is scored separately. The one
 exception is the supervised upper bound (:func:`run_supervised_labels`), which writes ``pseudo/`` and
 ``voronoi/`` from instance maps into a folder of its own, marked by ``ground_truth_labels.json``; the label-free
@@ -36,7 +38,7 @@ from mmt_psm.utils.atomic import save_torch, write_image, write_json
 
 __all__ = ["resolve_images", "run_self_supervised", "run_activation", "run_pseudo_masks", "run_voronoi",
            "read_unit_map", "write_unit_map", "update_index", "load_psm_cfg", "touching_borders",
-           "supervised_labels", "run_supervised_labels", "GT_MARKER"]
+           "supervised_labels", "run_supervised_labels", "refined_mask", "run_refined_masks", "GT_MARKER"]
 
 GT_MARKER = "ground_truth_labels.json"  # present in (only) a supervised-upper-bound label folder
 
@@ -104,9 +106,9 @@ def update_index(folder: str, images: List[Dict]) -> str:
         rec.update(stem=r["stem"], file_name=os.path.abspath(r["file_name"]))
         if "height" not in rec:
             rec["height"], rec["width"] = read_he_image(r["file_name"]).shape[:2]
-        for key, sub in (("pseudo_mask", "pseudo"), ("voronoi", "voronoi")):
-            rel = os.path.join(sub, r["stem"] + ".png")
-            rec[key] = rel if os.path.isfile(os.path.join(folder, rel)) else None
+        for key, subs in (("pseudo_mask", ("refined", "pseudo")), ("voronoi", ("voronoi",))):
+            rels = [os.path.join(sub, r["stem"] + ".png") for sub in subs]
+            rec[key] = next((rel for rel in rels if os.path.isfile(os.path.join(folder, rel))), None)
         recs.append(rec)
     return write_index(folder, recs)
 
@@ -186,6 +188,37 @@ def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print
         points = detect_points(prob, pt.SIGMA, pt.MIN_DISTANCE, pt.THRESHOLD)
         write_json(os.path.join(folder, "points", r["stem"] + ".json"), points.tolist(), indent=None)
         _write_label(path, voronoi_labels(points, prob.shape, pt.RADIUS))
+    update_index(folder, images)
+
+
+def refined_mask(prob: np.ndarray, fg: float, bg: float, ignore_value: int = 255) -> np.ndarray:
+    """HxW uint8 label of a foreground probability: 1 where ``prob >= fg``, 0 where ``prob <= bg``, else
+    ``ignore_value`` (the uncertain band the loss skips)."""
+    if not 0.0 <= bg < fg <= 1.0:
+        raise ValueError(f"PSM.REFINE: need 0 <= BG < FG <= 1, got BG {bg}, FG {fg}")
+    out = np.full(prob.shape, ignore_value, np.uint8)
+    out[prob >= fg] = 1
+    out[prob <= bg] = 0
+    return out
+
+
+def run_refined_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
+    """Stage 5b with ``PSM.REFINE.ENABLED``: ``refined/<stem>.png`` from ``probability/<stem>.png``; the index then
+    names them as the pseudo masks, so stage 6 trains on the detection network's confident pixels rather than on
+    the k-means masks. Without the switch a folder holding refined masks is an error (stage 6 would train on
+    them)."""
+    _refuse_gt_folder(folder)
+    r5 = cfg.PSM.REFINE
+    out = os.path.join(folder, "refined")
+    if not r5.ENABLED:
+        if os.path.isdir(out) and os.listdir(out):
+            raise ValueError(f"{out} holds refined pseudo masks (a PSM.REFINE.ENABLED run) that stage 6 would train "
+                             "on: remove that folder or set PSM.REFINE.ENABLED True")
+        return
+    refined_mask(np.zeros(1, np.float32), r5.FG, r5.BG)  # a bad band fails before any file is written
+    for _, r, path in _each(images, out, "stage 5b", log):
+        prob = read_unit_map(os.path.join(folder, "probability", r["stem"] + ".png"))
+        write_image(path, refined_mask(prob, r5.FG, r5.BG, int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)))
     update_index(folder, images)
 
 
