@@ -181,3 +181,36 @@ def test_per_class_thresholds_must_match_the_class_count(data, tmp_path):
     cfg.merge_from_list(["MODEL.MMT_PSM.PSEUDO_SCORE_THRESH_PER_CLASS", (0.1, 0.2, 0.3)])
     with pytest.raises(ValueError, match="3 pseudo-label score thresholds for 2 classes"):
         build_model(cfg)
+
+
+def test_teacher_mask_head_is_skipped_when_nothing_reads_the_pseudo_label_masks(data, tmp_path):
+    # plus's switches (fusion + mask distillation, no feature loss): the pseudo-labels' masks feed nothing, so the
+    # teacher's mask head runs only on the sampled positives for distillation, and the losses are the same
+    # (bit for bit) as when the masks are computed for a recording step
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.merge_from_list([
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.MMT_PSM.FUSE_ALL_VIEWS", True,
+        "MODEL.MMT_PSM.MASK_DISTILL", True, "MODEL.MMT_PSM.MGD_LOSS", False,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    unl = MMTPSMViewMapper(cfg)(DatasetCatalog.get(f"{data}_unlabeled")[0])
+    unl["labeled"] = False
+    rois = []
+    model.teacher.roi_heads.mask_head.predictor.register_forward_hook(lambda m, inp, out: rois.append(out.shape[0]))
+    runs = {}
+    for record in (False, True):
+        model.record_pseudo_labels = record
+        rois.clear()
+        with EventStorage(start_iter=10) as storage:
+            torch.manual_seed(1)
+            runs[record] = ({k: v.detach().clone() for k, v in model.unsupervised_losses([unl]).items()},
+                            list(rois), storage.latest())
+    (skip, skip_rois, skip_log), (full, full_rois, full_log) = runs[False], runs[True]
+    assert skip.keys() == full.keys() and all(torch.equal(skip[k], full[k]) for k in skip)
+    n_views, dets = len(unl["teacher_views"]), full_log["mmt_psm/pseudo_labels_per_image"][0]
+    assert dets > 0 and skip_log["mmt_psm/pseudo_labels_per_image"][0] == dets
+    # recording: the mask head on every view's detections, then on the positives; skipping: the positives only
+    assert len(full_rois) == 2 * n_views and full_rois[n_views:] == skip_rois and len(skip_rois) == n_views
+    assert "mmt_psm/fg_fraction" in full_log and "mmt_psm/fg_fraction" not in skip_log
+    assert model._last_pseudo[1][0].has("pred_masks")

@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
@@ -202,18 +203,29 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             k: flip_feature_map(v, [level_width(w, self.strides[k]) for w in widths]) for k, v in feats.items()
         }
 
-    def _teacher_detections(self, t_images: List[ImageList], t_feats: List[Dict], proposals, flipped: List[bool]):
+    def _teacher_roi(self, images: ImageList, feats: Dict, proposals, with_masks: bool) -> List[Instances]:
+        """The teacher's post-processed detections; without ``with_masks`` only its box branch runs (a
+        StandardROIHeads' ``_forward_box``: the same boxes, scores and classes, no mask head on up to
+        TEST.DETECTIONS_PER_IMAGE boxes, the largest teacher cost when nothing reads the masks)."""
+        heads = self.teacher.roi_heads
+        if not with_masks and isinstance(heads, StandardROIHeads):
+            return heads._forward_box(feats, proposals)
+        return heads(images, feats, proposals)[0]
+
+    def _teacher_detections(self, t_images: List[ImageList], t_feats: List[Dict], proposals, flipped: List[bool],
+                            with_masks: bool = True):
         """Pseudo-labels: the teacher's post-processed detections on view 0, or fused over every view
-        (FUSE_ALL_VIEWS; each view scores view 0's proposals mapped into it), then the score thresholds."""
+        (FUSE_ALL_VIEWS; each view scores view 0's proposals mapped into it), then the score thresholds.
+        ``with_masks`` False: boxes only (no ``pred_masks``)."""
         if not self.fuse_all_views:
-            detections, _ = self.teacher.roi_heads(t_images[0], t_feats[0], proposals)
+            detections = self._teacher_roi(t_images[0], t_feats[0], proposals, with_masks)
         else:
             per_view = []
             for v, (images, feats) in enumerate(zip(t_images, t_feats)):
                 props = proposals
                 if flipped[v]:
                     props = [_flip_proposals(p, w) for p, (_, w) in zip(proposals, images.image_sizes)]
-                per_view.append(self.teacher.roi_heads(images, feats, props)[0])
+                per_view.append(self._teacher_roi(images, feats, props, with_masks))
             max_dets = self.teacher.roi_heads.box_predictor.test_topk_per_image
             detections = [
                 fuse_view_detections([dets[i] for dets in per_view], flipped, self.fuse_iou, max_dets)
@@ -250,8 +262,11 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             t_feats = [self.teacher.backbone(im.tensor) for im in t_images]
             with training_topk(self.teacher.proposal_generator):
                 proposals, _ = self.teacher.proposal_generator(t_images[0], t_feats[0])
-            detections = self._teacher_detections(t_images, t_feats, proposals, flipped)
-            fg = foreground_map(detections, t_images[0], self.mask_threshold, self.fg_map_mode)
+            # the pseudo-labels' masks feed only the foreground map of loss_mgd and the recorded pseudo-labels
+            # (monitor, visualisation): without either the teacher's mask head is skipped, losses unchanged
+            with_masks = self.mgd_loss or self.record_pseudo_labels
+            detections = self._teacher_detections(t_images, t_feats, proposals, flipped, with_masks)
+            fg = foreground_map(detections, t_images[0], self.mask_threshold, self.fg_map_mode) if with_masks else None
             boxes, labels = label_and_sample(
                 proposals, pseudo_targets(detections), self.num_classes, self.proposal_iou,
                 self.proposal_batch_size, self.proposal_positive_fraction,
@@ -294,7 +309,9 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             out["loss_mgd"] = torch.stack(
                 [mask_guided_feature_loss(s_adapted, t, fg, use_mask=self.mgd_use_mask) for t in t_adapted]
             ).mean()
-        stats = [is_pos.sum().float(), (keep & ~is_pos).sum().float(), fg.clamp(max=1).mean().float(),
+        no_fg = out["loss_psm"].new_tensor(float("nan"))  # not computed: logged as NaN, not as an empty map
+        stats = [is_pos.sum().float(), (keep & ~is_pos).sum().float(),
+                 fg.clamp(max=1).mean().float() if fg is not None else no_fg,
                  out["loss_psm"].detach().float(), out["loss_mgd"].detach().float()]
         if self.mask_distill:
             s_masks = self._mask_logits(self.student, s_feats, pos_boxes)
@@ -312,7 +329,8 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
         storage.put_scalar("mmt_psm/positives_per_image", positives / n_img)
         storage.put_scalar("mmt_psm/mined_negatives_per_image", mined / n_img)
-        storage.put_scalar("mmt_psm/fg_fraction", fg_fraction)
+        if fg is not None:
+            storage.put_scalar("mmt_psm/fg_fraction", fg_fraction)
         if self.record_pseudo_labels:
             self._last_pseudo = (unlabeled, detections)
         return out
