@@ -133,3 +133,20 @@ def test_label_quality_counts():
     v = pooled_quality([voronoi_counts(vor, gt, np.array([[3, 3], [3, 7]]))])
     assert v["nucleus_label_precision"] == 0.5 and v["background_label_precision"] == 1.0
     assert v["point_precision"] == 0.5 and v["point_recall"] == 1.0
+
+
+def test_score_labels_counts_only_the_nucleus_label_of_a_pseudo_mask(tmp_path):
+    import cv2
+
+    from mmt_psm.engine.psm_predict import score_labels
+
+    gt = np.zeros((10, 10), np.uint16)
+    gt[2:5, 2:5] = 1
+    cv2.imwrite(str(tmp_path / "gt.png"), gt)
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:5, 2:8] = 1  # 9 px in the nucleus, 9 outside
+    mask[7:9, :] = 255  # ignored pixels: neither nucleus nor background
+    (tmp_path / "pseudo").mkdir()
+    cv2.imwrite(str(tmp_path / "pseudo" / "a.png"), mask)
+    q = score_labels([{"stem": "a", "instance_file_name": str(tmp_path / "gt.png")}], str(tmp_path), log=lambda m: None)
+    assert q["pseudo_mask"]["precision"] == pytest.approx(0.5) and q["pseudo_mask"]["recall"] == pytest.approx(1.0)

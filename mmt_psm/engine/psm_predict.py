@@ -113,7 +113,7 @@ def score_labels(images: List[Dict], folder: str, log: Log = _print) -> Dict:
         gt = cv2.imread(r["instance_file_name"], cv2.IMREAD_UNCHANGED)
         p = os.path.join(folder, "pseudo", r["stem"] + ".png")
         if os.path.isfile(p):
-            pseudo.append(mask_counts(cv2.imread(p, cv2.IMREAD_UNCHANGED), gt))
+            pseudo.append(mask_counts(cv2.imread(p, cv2.IMREAD_UNCHANGED) == 1, gt))  # 255 (ignore) is not nucleus
         p = os.path.join(folder, "refined", r["stem"] + ".png")
         if os.path.isfile(p):  # 0/1/255 like the Voronoi labels: nucleus / background precision, labelled share
             refined.append(voronoi_counts(cv2.imread(p, cv2.IMREAD_UNCHANGED), gt))
