@@ -309,28 +309,23 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             out["loss_mgd"] = torch.stack(
                 [mask_guided_feature_loss(s_adapted, t, fg, use_mask=self.mgd_use_mask) for t in t_adapted]
             ).mean()
-        no_fg = out["loss_psm"].new_tensor(float("nan"))  # not computed: logged as NaN, not as an empty map
-        stats = [is_pos.sum().float(), (keep & ~is_pos).sum().float(),
-                 fg.clamp(max=1).mean().float() if fg is not None else no_fg,
-                 out["loss_psm"].detach().float(), out["loss_mgd"].detach().float()]
         if self.mask_distill:
             s_masks = self._mask_logits(self.student, s_feats, pos_boxes)
             out["loss_mask_distill"] = mask_distillation_loss(s_masks, pos_labels, mask_targets)
-            stats.append(out["loss_mask_distill"].detach().float())
         n_img = len(unlabeled)
-        # one device->host copy for all logged statistics
-        stats = torch.stack(stats).tolist()
-        positives, mined, fg_fraction, psm_raw, mgd_raw = stats[:5]
-        # unweighted losses, beside the weighted loss_psm / loss_mgd that Detectron2 logs
-        storage.put_scalar("mmt_psm/loss_psm_raw", psm_raw)
-        storage.put_scalar("mmt_psm/loss_mgd_raw", mgd_raw)
-        if self.mask_distill:
-            storage.put_scalar("mmt_psm/loss_mask_distill_raw", stats[5])
-        storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
-        storage.put_scalar("mmt_psm/positives_per_image", positives / n_img)
-        storage.put_scalar("mmt_psm/mined_negatives_per_image", mined / n_img)
+        # unweighted losses (beside the weighted ones Detectron2 logs) and pseudo-label counts, in one
+        # device->host copy; fg_fraction only when the foreground map was built
+        logged = {"loss_psm_raw": out["loss_psm"], "loss_mgd_raw": out["loss_mgd"],
+                  "positives_per_image": is_pos.sum() / n_img,
+                  "mined_negatives_per_image": (keep & ~is_pos).sum() / n_img}
         if fg is not None:
-            storage.put_scalar("mmt_psm/fg_fraction", fg_fraction)
+            logged["fg_fraction"] = fg.clamp(max=1).mean()
+        if self.mask_distill:
+            logged["loss_mask_distill_raw"] = out["loss_mask_distill"]
+        values = torch.stack([v.detach().float() for v in logged.values()]).tolist()
+        for name, value in zip(logged, values):
+            storage.put_scalar(f"mmt_psm/{name}", value)
+        storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
         if self.record_pseudo_labels:
             self._last_pseudo = (unlabeled, detections)
         return out
