@@ -45,6 +45,12 @@ def add_psm_config(cfg: CN) -> None:
     # no foreground (blank / background-only tiles; not in the paper)
     cfg.PSM.PSEUDO_MASK.MIN_CONTRAST = 0.1
     cfg.PSM.PSEUDO_MASK.KMEANS_SAMPLE = 100000  # pixels used to fit k-means (all are assigned)
+    # "kmeans" (the paper: the keys above) or "haematoxylin" (not in the paper: Otsu's threshold of the blurred
+    # colour-deconvolved haematoxylin density + ACT_WEIGHT x activation; modeling/psm/haematoxylin.py)
+    cfg.PSM.PSEUDO_MASK.METHOD = "kmeans"
+    cfg.PSM.PSEUDO_MASK.H_SIGMA = 2.0  # px, Gaussian blur of the scaled haematoxylin density
+    cfg.PSM.PSEUDO_MASK.ACT_WEIGHT = 0.15  # weight of the self-activation map added before the threshold
+    cfg.PSM.PSEUDO_MASK.MIN_H_RANGE = 0.03  # 1st-99th percentile stain range below which a tile has no nucleus
     # ---- stage 5: points = local maxima of the blurred foreground probability; Voronoi labels
     cfg.PSM.POINTS = CN()
     cfg.PSM.POINTS.SIGMA = 2.0

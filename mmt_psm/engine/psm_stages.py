@@ -31,6 +31,7 @@ from detectron2.config import CfgNode
 
 from mmt_psm.data.psm_io import list_images, read_he_image, read_index, stem_of, write_index
 from mmt_psm.modeling.psm.activation import self_activation_map
+from mmt_psm.modeling.psm.haematoxylin import haematoxylin_mask
 from mmt_psm.modeling.psm.pseudo_masks import pseudo_mask
 from mmt_psm.modeling.psm.self_supervised import SelfSupervisedNet, train_self_supervised
 from mmt_psm.modeling.psm.voronoi import detect_points, voronoi_labels
@@ -168,11 +169,17 @@ def run_pseudo_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _
     """Stage 3: pseudo masks ``pseudo/<stem>.png`` from the images and their activation maps."""
     _refuse_gt_folder(folder)
     p = cfg.PSM.PSEUDO_MASK
+    if p.METHOD not in ("kmeans", "haematoxylin"):
+        raise ValueError(f"PSM.PSEUDO_MASK.METHOD must be 'kmeans' or 'haematoxylin', got {p.METHOD!r}")
     for _, r, path in _each(images, os.path.join(folder, "pseudo"), "stage 3", log):
         act = read_unit_map(os.path.join(folder, "activation", r["stem"] + ".png"))
-        mask = pseudo_mask(read_he_image(r["file_name"]), act, p.K, p.BETA, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE,
-                           p.KMEANS_SAMPLE, seed=cfg.SEED % 2**31, prior=p.PRIOR,
-                           min_contrast=p.MIN_CONTRAST)
+        image = read_he_image(r["file_name"])
+        if p.METHOD == "haematoxylin":
+            mask = haematoxylin_mask(image, act, p.H_SIGMA, p.ACT_WEIGHT, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE,
+                                     p.MIN_H_RANGE)
+        else:
+            mask = pseudo_mask(image, act, p.K, p.BETA, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE, p.KMEANS_SAMPLE,
+                               seed=cfg.SEED % 2**31, prior=p.PRIOR, min_contrast=p.MIN_CONTRAST)
         if not mask.any():
             log(f"[psm stage 3] warning: {r['file_name']} has no foreground in its pseudo mask")
         _write_label(path, mask)
