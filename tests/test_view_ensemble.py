@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from common import tiny_cfg, tiny_synthetic
+from common import tiny_cfg, tiny_synthetic, unlabeled_view_batch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
@@ -214,3 +214,46 @@ def test_teacher_mask_head_is_skipped_when_nothing_reads_the_pseudo_label_masks(
     assert len(full_rois) == 2 * n_views and full_rois[n_views:] == skip_rois and len(skip_rois) == n_views
     assert "mmt_psm/fg_fraction" in full_log and "mmt_psm/fg_fraction" not in skip_log
     assert model._last_pseudo[1][0].has("pred_masks")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_sampled_proposals_reuse_the_teacher_view_logits_of_its_detection_pass(data, tmp_path, fuse):
+    # the teacher's box branch already scored every proposal on each view it detected on (all views with
+    # FUSE_ALL_VIEWS, view 0 without); the sampled proposals' logits are those rows, not a second box pass
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.merge_from_list(["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.MMT_PSM.FUSE_ALL_VIEWS", fuse,
+                         "MODEL.MMT_PSM.MASK_DISTILL", fuse])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = unlabeled_view_batch(cfg, f"{data}_unlabeled", 2)  # two images: rows offset by the first's proposals
+    n_views = len(batch[0]["teacher_views"])
+    assert any(t.hflip for t in batch[0]["teacher_transforms"])  # flipped views score mapped proposals
+    rows, stacked = [], []
+    model.teacher.roi_heads.box_predictor.register_forward_hook(lambda m, inp, out: rows.append(out[0].shape[0]))
+    detect = model._teacher_detections
+    import mmt_psm.modeling.mmt_psm_rcnn as rcnn
+
+    sensitivity = rcnn.proposal_sensitivity
+
+    def recording(logits):
+        stacked.append(logits.clone())
+        return sensitivity(logits)
+
+    runs = {}
+    for reuse in (True, False):
+        model._teacher_detections = detect if reuse else (
+            lambda *a, **k: (detect(*a, **k)[0], [None] * n_views))
+        rows.clear()
+        with EventStorage(start_iter=10), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rcnn, "proposal_sensitivity", recording)
+            torch.manual_seed(1)
+            runs[reuse] = ({k: v.detach().clone() for k, v in model.unsupervised_losses(batch).items()}, list(rows))
+    (new, new_rows), (old, old_rows) = runs[True], runs[False]
+    assert new.keys() == old.keys() and float(new["loss_psm"]) > 0
+    for k in new:
+        torch.testing.assert_close(new[k], old[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked[0], stacked[1], rtol=1e-5, atol=1e-5)
+    detect_passes = n_views if fuse else 1
+    assert len(old_rows) == detect_passes + n_views and old_rows[:detect_passes] == new_rows[:detect_passes]
+    assert len(new_rows) == n_views  # one box pass per view in all; without fusion views 1.. score the sample
+    assert old_rows[detect_passes:] == [stacked[0].shape[1]] * n_views

@@ -11,7 +11,7 @@ TEACHER_FLIP off), each component alone (PSM_LOSS / MGD_LOSS).
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -203,35 +203,47 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             k: flip_feature_map(v, [level_width(w, self.strides[k]) for w in widths]) for k, v in feats.items()
         }
 
-    def _teacher_roi(self, images: ImageList, feats: Dict, proposals, with_masks: bool) -> List[Instances]:
-        """The teacher's post-processed detections; without ``with_masks`` only its box branch runs (a
-        StandardROIHeads' ``_forward_box``: the same boxes, scores and classes, no mask head on up to
-        TEST.DETECTIONS_PER_IMAGE boxes, the largest teacher cost when nothing reads the masks)."""
+    def _teacher_roi(self, images: ImageList, feats: Dict, proposals,
+                     with_masks: bool) -> Tuple[List[Instances], Optional[torch.Tensor]]:
+        """The teacher's post-processed detections and, for a StandardROIHeads, its class logits for every
+        proposal (``[sum R_i, C + 1]``), which the sampled proposals' logits are then taken from instead of a
+        second box-branch pass. The box branch is the StandardROIHeads' eval ``_forward_box``; without
+        ``with_masks`` the mask head is skipped (the same boxes, scores and classes, no mask head on up to
+        TEST.DETECTIONS_PER_IMAGE boxes: the largest teacher cost when nothing reads the masks)."""
         heads = self.teacher.roi_heads
-        if not with_masks and isinstance(heads, StandardROIHeads):
-            return heads._forward_box(feats, proposals)
-        return heads(images, feats, proposals)[0]
+        if not isinstance(heads, StandardROIHeads):
+            return heads(images, feats, proposals)[0], None
+        x = heads.box_pooler([feats[f] for f in heads.box_in_features], [p.proposal_boxes for p in proposals])
+        predictions = heads.box_predictor(heads.box_head(x))
+        detections, _ = heads.box_predictor.inference(predictions, proposals)
+        if with_masks:
+            detections = heads.forward_with_given_boxes(feats, detections)
+        return detections, predictions[0]
 
     def _teacher_detections(self, t_images: List[ImageList], t_feats: List[Dict], proposals, flipped: List[bool],
-                            with_masks: bool = True):
+                            with_masks: bool = True) -> Tuple[List[Instances], List[Optional[torch.Tensor]]]:
         """Pseudo-labels: the teacher's post-processed detections on view 0, or fused over every view
         (FUSE_ALL_VIEWS; each view scores view 0's proposals mapped into it), then the score thresholds.
-        ``with_masks`` False: boxes only (no ``pred_masks``)."""
+        ``with_masks`` False: boxes only (no ``pred_masks``). Also, per view, the class logits of all proposals
+        where the box branch ran on them (else None)."""
         if not self.fuse_all_views:
-            detections = self._teacher_roi(t_images[0], t_feats[0], proposals, with_masks)
+            detections, logits = self._teacher_roi(t_images[0], t_feats[0], proposals, with_masks)
+            all_logits = [logits] + [None] * (len(t_images) - 1)
         else:
-            per_view = []
+            per_view, all_logits = [], []
             for v, (images, feats) in enumerate(zip(t_images, t_feats)):
                 props = proposals
                 if flipped[v]:
                     props = [_flip_proposals(p, w) for p, (_, w) in zip(proposals, images.image_sizes)]
-                per_view.append(self._teacher_roi(images, feats, props, with_masks))
+                dets, logits = self._teacher_roi(images, feats, props, with_masks)
+                per_view.append(dets)
+                all_logits.append(logits)
             max_dets = self.teacher.roi_heads.box_predictor.test_topk_per_image
             detections = [
                 fuse_view_detections([dets[i] for dets in per_view], flipped, self.fuse_iou, max_dets)
                 for i in range(len(proposals))
             ]
-        return filter_by_score(detections, self.pseudo_score_thresh)
+        return filter_by_score(detections, self.pseudo_score_thresh), all_logits
 
     def _mask_logits(self, model: nn.Module, features: Dict[str, torch.Tensor], boxes) -> torch.Tensor:
         heads = model.roi_heads
@@ -265,12 +277,15 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             # the pseudo-labels' masks feed only the foreground map of loss_mgd and the recorded pseudo-labels
             # (monitor, visualisation): without either the teacher's mask head is skipped, losses unchanged
             with_masks = self.mgd_loss or self.record_pseudo_labels
-            detections = self._teacher_detections(t_images, t_feats, proposals, flipped, with_masks)
+            detections, all_logits = self._teacher_detections(t_images, t_feats, proposals, flipped, with_masks)
             fg = foreground_map(detections, t_images[0], self.mask_threshold, self.fg_map_mode) if with_masks else None
-            boxes, labels = label_and_sample(
+            boxes, labels, kept = label_and_sample(
                 proposals, pseudo_targets(detections), self.num_classes, self.proposal_iou,
-                self.proposal_batch_size, self.proposal_positive_fraction,
+                self.proposal_batch_size, self.proposal_positive_fraction, return_indices=True,
             )
+            # the sampled proposals' rows in the proposals' concatenation (where a view's logits are reused)
+            offsets = torch.tensor([0] + [len(p) for p in proposals[:-1]], device=self.device).cumsum(0)
+            sampled_rows = torch.cat([k + o for k, o in zip(kept, offsets)])
             widths = [w for _, w in t_images[0].image_sizes]
             pos_boxes = [b[lab != self.num_classes] for b, lab in zip(boxes, labels)]
             pos_labels = torch.cat([lab[lab != self.num_classes] for lab in labels])
@@ -280,7 +295,10 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
                 if flipped[v]:
                     v_boxes = [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, boxes)]
                     v_pos = [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, pos_boxes)]
-                view_logits.append(self._box_logits(self.teacher, t_feats[v], v_boxes))
+                if all_logits[v] is not None:
+                    view_logits.append(all_logits[v][sampled_rows])
+                else:
+                    view_logits.append(self._box_logits(self.teacher, t_feats[v], v_boxes))
                 if self.mask_distill:
                     t_masks.append(self._mask_logits(self.teacher, t_feats[v], v_pos))
                 if self.mgd_loss:

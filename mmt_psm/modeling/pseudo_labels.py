@@ -9,7 +9,7 @@ from detectron2.layers import paste_masks_in_image
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.sampling import subsample_labels
-from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.structures import ImageList, Instances, pairwise_iou
 
 
 @contextlib.contextmanager
@@ -74,14 +74,16 @@ def label_and_sample(
     iou_threshold: float = 0.5,
     batch_size_per_image: int = 512,
     positive_fraction: float = 0.25,
-) -> Tuple[List[Boxes], List[torch.Tensor]]:
+    return_indices: bool = False,
+) -> Tuple[List, ...]:
     """Label proposals by IoU with the pseudo boxes (fg = the box's class, else background = ``num_classes``)
     and sample ``batch_size_per_image`` per image with at most ``positive_fraction`` positives.
 
-    Returns per image the sampled proposal boxes and their labels.
+    Returns per image the sampled proposal boxes and their labels (and, with ``return_indices``, their indices
+    in the image's proposals: no box is added, so every sampled box is a proposal).
     """
     matcher = Matcher([iou_threshold], [0, 1], allow_low_quality_matches=False)
-    boxes_out, labels_out = [], []
+    boxes_out, labels_out, kept = [], [], []
     for props, tgt in zip(proposals, targets):
         boxes = props.proposal_boxes
         if len(tgt) > 0:
@@ -94,4 +96,5 @@ def label_and_sample(
         keep = torch.cat([pos, neg])
         boxes_out.append(boxes[keep])
         labels_out.append(labels[keep])
-    return boxes_out, labels_out
+        kept.append(keep)
+    return (boxes_out, labels_out, kept) if return_indices else (boxes_out, labels_out)
