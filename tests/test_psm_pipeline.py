@@ -12,6 +12,8 @@ import pytest
 from common import REPO
 from psm_common import write_tiles
 
+from mmt_psm.data.psm_datasets import load_psm_index
+
 TINY = ["PSM.SELF_SUP.ITERS", "2", "PSM.SELF_SUP.CROP", "32", "PSM.SELF_SUP.BATCH", "2",
         "PSM.SELF_SUP.CHANNELS", "(4, 8)", "MODEL.UNET.CHANNELS", "(4, 8, 16)", "MODEL.UNET.DROPOUT", "(0.0, 0.0, 0.0)",
         "MODEL.SEM_SEG_HEAD.IN_FEATURES", '["res1", "res2", "res3"]', "INPUT.PSM_CROP_SIZE", "32",
@@ -67,6 +69,9 @@ def test_pipeline_with_refined_masks_trains_stage6_on_them(tmp_path, capsys):
     labels = os.path.join(out, "labels")
     index = json.load(open(os.path.join(labels, "index.json")))
     assert [r["pseudo_mask"] for r in index["images"]] == ["refined/tile0.png", "refined/tile1.png"]
+    # and the stage-6 loader hands those files to the segmentor as its pseudo-mask target
+    assert [d["sem_seg_file_name"] for d in load_psm_index(labels)] == [
+        os.path.join(labels, "refined", f"tile{i}.png") for i in (0, 1)]
     for stem in ("tile0", "tile1"):  # the band of the detection network's probability, pixel for pixel
         prob = cv2.imread(os.path.join(labels, "probability", stem + ".png"), -1) / 255.0
         ref = cv2.imread(os.path.join(labels, "refined", stem + ".png"), -1)

@@ -198,11 +198,15 @@ def run_voronoi(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print
     update_index(folder, images)
 
 
+def _check_band(fg: float, bg: float) -> None:
+    if not 0.0 <= bg < fg <= 1.0:
+        raise ValueError(f"PSM.REFINE: need 0 <= BG < FG <= 1, got BG {bg}, FG {fg}")
+
+
 def refined_mask(prob: np.ndarray, fg: float, bg: float, ignore_value: int = 255) -> np.ndarray:
     """HxW uint8 label of a foreground probability: 1 where ``prob >= fg``, 0 where ``prob <= bg``, else
     ``ignore_value`` (the uncertain band the loss skips)."""
-    if not 0.0 <= bg < fg <= 1.0:
-        raise ValueError(f"PSM.REFINE: need 0 <= BG < FG <= 1, got BG {bg}, FG {fg}")
+    _check_band(fg, bg)
     out = np.full(prob.shape, ignore_value, np.uint8)
     out[prob >= fg] = 1
     out[prob <= bg] = 0
@@ -222,7 +226,7 @@ def run_refined_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = 
             raise ValueError(f"{out} holds refined pseudo masks (a PSM.REFINE.ENABLED run) that stage 6 would train "
                              "on: remove that folder or set PSM.REFINE.ENABLED True")
         return
-    refined_mask(np.zeros(1, np.float32), r5.FG, r5.BG)  # a bad band fails before any file is written
+    _check_band(r5.FG, r5.BG)  # a bad band fails before any file is written
     for _, r, path in _each(images, out, "stage 5b", log):
         prob = read_unit_map(os.path.join(folder, "probability", r["stem"] + ".png"))
         write_image(path, refined_mask(prob, r5.FG, r5.BG, int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)))
