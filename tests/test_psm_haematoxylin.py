@@ -12,6 +12,7 @@ from skimage.color import rgb2hed
 
 from mmt_psm.engine.psm_stages import load_psm_cfg, resolve_images, run_pseudo_masks, write_unit_map
 from mmt_psm.modeling.psm.haematoxylin import haematoxylin_density, haematoxylin_mask
+from mmt_psm.modeling.psm.pseudo_masks import pseudo_mask
 
 CENTRES = ((20, 20), (20, 70), (70, 45))
 
@@ -71,19 +72,26 @@ def test_blank_tile_is_empty_with_warning_and_shapes_are_checked(caplog):
 def test_stage3_tool_switches_method_by_config(tmp_path):
     write_tiles(str(tmp_path / "img"), n=2, gt_folder=str(tmp_path / "gt"))
     images = resolve_images(str(tmp_path / "img"), str(tmp_path / "gt"))
-    labels = str(tmp_path / "labels")
-    for r in images:
-        write_unit_map(os.path.join(labels, "activation", r["stem"] + ".png"), np.zeros((96, 96), np.float32))
-    cfg = load_psm_cfg("configs/psm/detection.yaml", ["PSM.PSEUDO_MASK.METHOD", "haematoxylin"])
-    run_pseudo_masks(images, labels, cfg, log=lambda m: None)
-    for r in images:
-        mask = cv2.imread(os.path.join(labels, "pseudo", r["stem"] + ".png"), cv2.IMREAD_UNCHANGED)
-        gt = cv2.imread(r["instance_file_name"], cv2.IMREAD_UNCHANGED) > 0
-        expected = haematoxylin_mask(cv2.imread(r["file_name"])[:, :, ::-1].copy(), np.zeros((96, 96), np.float32),
-                                     cfg.PSM.PSEUDO_MASK.H_SIGMA, cfg.PSM.PSEUDO_MASK.ACT_WEIGHT,
-                                     cfg.PSM.PSEUDO_MASK.MIN_OBJECT_SIZE, cfg.PSM.PSEUDO_MASK.MAX_HOLE_SIZE)
-        assert np.array_equal(mask, expected)
-        assert min(_precision_recall(mask, gt)) > 0.8
+    zero = np.zeros((96, 96), np.float32)
+    cfgs = {"haematoxylin": load_psm_cfg("configs/psm/detection.yaml"),  # the config's method
+            "kmeans": load_psm_cfg("configs/psm/detection.yaml", ["PSM.PSEUDO_MASK.METHOD", "kmeans"])}
+    assert cfgs["haematoxylin"].PSM.PSEUDO_MASK.METHOD == "haematoxylin"
+    for method, cfg in cfgs.items():
+        labels = str(tmp_path / method)
+        for r in images:
+            write_unit_map(os.path.join(labels, "activation", r["stem"] + ".png"), zero)
+        run_pseudo_masks(images, labels, cfg, log=lambda m: None)
+        p = cfg.PSM.PSEUDO_MASK
+        for r in images:
+            mask = cv2.imread(os.path.join(labels, "pseudo", r["stem"] + ".png"), cv2.IMREAD_UNCHANGED)
+            image = cv2.imread(r["file_name"])[:, :, ::-1].copy()
+            if method == "haematoxylin":
+                expected = haematoxylin_mask(image, zero, p.H_SIGMA, p.ACT_WEIGHT, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE)
+            else:
+                expected = pseudo_mask(image, zero, p.K, p.BETA, p.MIN_OBJECT_SIZE, p.MAX_HOLE_SIZE, p.KMEANS_SAMPLE,
+                                       seed=cfg.SEED % 2**31, prior=p.PRIOR, min_contrast=p.MIN_CONTRAST)
+            assert np.array_equal(mask, expected)
+            assert min(_precision_recall(mask, cv2.imread(r["instance_file_name"], -1) > 0)) > 0.8
     bad = load_psm_cfg("configs/psm/detection.yaml", ["PSM.PSEUDO_MASK.METHOD", "otsu"])
     with pytest.raises(ValueError, match="'kmeans' or 'haematoxylin', got 'otsu'"):
         run_pseudo_masks(images, str(tmp_path / "labels2"), bad)
