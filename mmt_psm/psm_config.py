@@ -33,7 +33,7 @@ def add_psm_config(cfg: CN) -> None:
     cfg.PSM.SELF_SUP.CHANNELS = (16, 32, 64, 128)  # stem/layer1 width, then one block per deeper width
     # ---- stage 2: Grad-CAM tile size (pixels) for large images (one min-max over the whole image)
     cfg.PSM.ACTIVATION_TILE = 1024
-    # ---- stage 3: k-means pseudo masks (authors: K 3, image weight 1, holes < 64 px filled)
+    # ---- stage 3: pseudo masks; the k-means keys (authors: K 3, image weight 1, holes < 64 px filled)
     cfg.PSM.PSEUDO_MASK = CN()
     cfg.PSM.PSEUDO_MASK.K = 3
     cfg.PSM.PSEUDO_MASK.BETA = 1.0  # features = JET(activation) + BETA * image
@@ -58,7 +58,7 @@ def add_psm_config(cfg: CN) -> None:
     cfg.PSM.POINTS.THRESHOLD = 0.5
     cfg.PSM.POINTS.RADIUS = 2  # dilation of a point into the nucleus label (authors: disk(2))
     # ---- stage 5b (not in the paper): stage 6's pseudo-mask term learns the detection network's confident output
-    # instead of the k-means mask: p >= FG nucleus, p <= BG background, between ignored (BENCHMARKS.md, PSM)
+    # instead of the stage-3 mask: p >= FG nucleus, p <= BG background, between ignored (BENCHMARKS.md, PSM)
     cfg.PSM.REFINE = CN()
     cfg.PSM.REFINE.ENABLED = False
     cfg.PSM.REFINE.FG = 0.7

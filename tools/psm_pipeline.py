@@ -5,8 +5,8 @@
     python tools/psm_pipeline.py --images monuseg_train --test monuseg_test \
         --train-gt monuseg_train_labels_for_eval --out output/psm_monuseg          # MoNuSeg protocol
 
-Stages: (1-2) self-supervised net + self-activation maps, (3) k-means pseudo masks, (4) detection network
-(``tools/train_net.py``'s main with configs/psm/detection.yaml), (5) points + Voronoi labels (5b with
+Stages: (1-2) self-supervised net + self-activation maps, (3) pseudo masks (k-means or haematoxylin), (4) detection
+network (``tools/train_net.py``'s main with configs/psm/detection.yaml), (5) points + Voronoi labels (5b with
 ``PSM.REFINE.ENABLED``: the detection network's confident pixels replace the pseudo masks), (6) segmentation network
 (configs/psm/segmentation.yaml, initialised from stage 4), then instance maps, COCO results JSON and overlays for
 ``--test`` (default: the training images themselves). Every stage resumes: rerun the same command after an

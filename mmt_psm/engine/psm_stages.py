@@ -216,7 +216,7 @@ def refined_mask(prob: np.ndarray, fg: float, bg: float, ignore_value: int = 255
 def run_refined_masks(images: List[Dict], folder: str, cfg: CfgNode, log: Log = _print) -> None:
     """Stage 5b with ``PSM.REFINE.ENABLED``: ``refined/<stem>.png`` from ``probability/<stem>.png``; the index then
     names them as the pseudo masks, so stage 6 trains on the detection network's confident pixels rather than on
-    the k-means masks. Without the switch a folder holding refined masks is an error (stage 6 would train on
+    the stage-3 masks. Without the switch a folder holding refined masks is an error (stage 6 would train on
     them)."""
     _refuse_gt_folder(folder)
     r5 = cfg.PSM.REFINE
