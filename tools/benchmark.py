@@ -113,9 +113,11 @@ def install_mmt_profile_hooks(model: torch.nn.Module, timer: PhaseTimer) -> Call
     """Split an MMT-PSM forward into parts with module hooks and wrappers (no model edits).
 
     Parts: ``sup_forward`` (student, labeled images), ``teacher_backbones`` (all views), ``teacher_rpn``,
-    ``teacher_detect`` (box inference, NMS), ``teacher_mask_head`` (on the detections), ``teacher_fg_map``,
-    ``teacher_box_heads`` (proposals on every view), ``teacher_other`` (sampling, adaptors, flips, sensitivity,
-    mining), ``student_unsup`` (student view backbone, box head, adaptors, losses). Returns an undo function.
+    ``teacher_detect`` (box branch on every proposal of a view, box inference, NMS), ``teacher_mask_head`` (on
+    the detections), ``teacher_fg_map``, ``teacher_box_heads`` (the sampled proposals on views whose detection
+    pass did not score them), ``teacher_distill_masks`` (mask logits of the positives, mask distillation),
+    ``teacher_other`` (fusion, sampling, adaptors, flips, sensitivity, mining), ``student_unsup`` (student view
+    backbone, box head, adaptors, losses). Returns an undo function.
     """
     stack: List[Optional[str]] = []
     handles, undo = [], []
@@ -146,12 +148,14 @@ def install_mmt_profile_hooks(model: torch.nn.Module, timer: PhaseTimer) -> Call
 
     t = model.teacher
     parts = ((model.student, "sup_forward"), (t.backbone, "teacher_backbones"), (t.proposal_generator, "teacher_rpn"),
-             (t.roi_heads, "teacher_detect"), (getattr(t.roi_heads, "mask_head", None), "teacher_mask_head"))
+             (getattr(t.roi_heads, "mask_head", None), "teacher_mask_head"))
     for module, phase in (p for p in parts if p[0] is not None):
         hook(module, phase)
     handles.append(model.student.backbone.register_forward_pre_hook(student_view))
     wrap(rcnn_module, "foreground_map", "teacher_fg_map")
+    wrap(model, "_teacher_roi", "teacher_detect")  # the teacher's detection pass on one view
     wrap(model, "_box_logits", "teacher_box_heads", lambda m, *a: m is model.teacher)
+    wrap(model, "_mask_logits", "teacher_distill_masks", lambda m, *a: m is model.teacher)
     wrap(model, "unsupervised_losses", "teacher_other")
 
     def remove() -> None:
