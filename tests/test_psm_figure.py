@@ -24,8 +24,9 @@ def test_figure_puts_prediction_left_and_ground_truth_right(tmp_path):
     images, gt, pred = tmp_path / "tiles", tmp_path / "gt", tmp_path / "pred"
     write_tiles(str(images), n=1, size=(96, 96), gt_folder=str(gt))
     (pred / "instances").mkdir(parents=True)
-    empty = np.zeros((96, 96), np.uint16)  # a prediction without any nucleus: no yellow on the left
-    cv2.imwrite(str(pred / "instances" / "tile0.png"), empty)
+    square = np.zeros((96, 96), np.uint16)  # one predicted nucleus, a square in the crop: its outline in yellow
+    square[40:50, 40:50] = 1
+    cv2.imwrite(str(pred / "instances" / "tile0.png"), square)
     (pred / "metrics.json").write_text(json.dumps({"per_image": [{"stem": "tile0", "AJI": 0.25}]}))
     out = tmp_path / "fig"
     assert tool.main(["--pred", str(pred), "--images", str(images), "--gt", str(gt), "--stems", "tile0",
@@ -33,7 +34,12 @@ def test_figure_puts_prediction_left_and_ground_truth_right(tmp_path):
     fig = cv2.imread(str(out / "tile0.png"))
     assert fig.shape == (24 + 64, 64 + 4 + 64, 3)
     left, right = fig[24:, :64], fig[24:, 68:]
-    assert not np.all(left == tool.PRED_BGR, axis=-1).any()
+    yellow = np.all(left == tool.PRED_BGR, axis=-1)
+    ring = np.zeros((64, 64), bool)  # the square's inner boundary, in crop coordinates (offset 16)
+    ring[24:34, 24:34] = True
+    ring[25:33, 25:33] = False
+    assert np.array_equal(yellow, ring)
+    assert not np.all(right == tool.PRED_BGR, axis=-1).any()  # the prediction is not drawn on the right
     assert np.all(right == tool.GT_BGR, axis=-1).sum() > 20  # the crop holds ground-truth nuclei
     assert np.all(fig[24:, 64:68] == 255)  # the white gap
     assert tool.per_image_aji(str(pred)) == {"tile0": 0.25}

@@ -144,7 +144,8 @@ def test_flipped_teacher_views_of_a_padded_batch_map_back_exactly(flipped_batch_
     # every view's sampled proposals through _box_logits (view 0 would otherwise reuse its detection pass's
     # logits; tests/test_view_ensemble.py shows both give the same logits)
     detect = model._teacher_detections
-    monkeypatch.setattr(model, "_teacher_detections", lambda *a, **k: (detect(*a, **k)[0], [None] * 4))
+    n_views = len(batch[0]["teacher_views"])
+    monkeypatch.setattr(model, "_teacher_detections", lambda *a, **k: (detect(*a, **k)[0], [None] * n_views))
     mgd = []
     real_mgd = rcnn.mask_guided_feature_loss
     monkeypatch.setattr(rcnn, "mask_guided_feature_loss",

@@ -15,6 +15,7 @@ from detectron2.utils.events import EventStorage
 from mmt_psm.data.mapper import CellDatasetMapper
 from mmt_psm.data.photometric import RandomErasing, RandomHue
 from mmt_psm.data.view_mapper import MMTPSMViewMapper
+from mmt_psm.modeling import mmt_psm_rcnn as rcnn
 from mmt_psm.modeling.pseudo_labels import filter_by_score, foreground_map
 from mmt_psm.modeling.view_ensemble import fuse_view_detections, mask_distillation_loss, teacher_view_masks
 
@@ -217,7 +218,8 @@ def test_teacher_mask_head_is_skipped_when_nothing_reads_the_pseudo_label_masks(
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-def test_sampled_proposals_reuse_the_teacher_view_logits_of_its_detection_pass(data, tmp_path, fuse):
+def test_sampled_proposals_reuse_the_teacher_view_logits_of_its_detection_pass(data, tmp_path, monkeypatch,
+                                                                                 fuse):
     # the teacher's box branch already scored every proposal on each view it detected on (all views with
     # FUSE_ALL_VIEWS, view 0 without); the sampled proposals' logits are those rows, not a second box pass
     cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
@@ -231,21 +233,20 @@ def test_sampled_proposals_reuse_the_teacher_view_logits_of_its_detection_pass(d
     rows, stacked = [], []
     model.teacher.roi_heads.box_predictor.register_forward_hook(lambda m, inp, out: rows.append(out[0].shape[0]))
     detect = model._teacher_detections
-    import mmt_psm.modeling.mmt_psm_rcnn as rcnn
-
     sensitivity = rcnn.proposal_sensitivity
 
     def recording(logits):
         stacked.append(logits.clone())
         return sensitivity(logits)
 
+    monkeypatch.setattr(rcnn, "proposal_sensitivity", recording)
+
     runs = {}
     for reuse in (True, False):
         model._teacher_detections = detect if reuse else (
             lambda *a, **k: (detect(*a, **k)[0], [None] * n_views))
         rows.clear()
-        with EventStorage(start_iter=10), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(rcnn, "proposal_sensitivity", recording)
+        with EventStorage(start_iter=10):
             torch.manual_seed(1)
             runs[reuse] = ({k: v.detach().clone() for k, v in model.unsupervised_losses(batch).items()}, list(rows))
     (new, new_rows), (old, old_rows) = runs[True], runs[False]

@@ -20,11 +20,11 @@ from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
-from skimage import segmentation
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmt_psm  # noqa: E402,F401  (registers the data sets)
 from mmt_psm.data.psm_io import read_he_image  # noqa: E402
+from mmt_psm.engine.psm_predict import contour_overlay  # noqa: E402
 from mmt_psm.engine.psm_stages import resolve_images  # noqa: E402
 from mmt_psm.utils.atomic import write_image  # noqa: E402
 
@@ -38,19 +38,12 @@ def centre_crop(a: np.ndarray, size: int) -> np.ndarray:
     return a[y:y + size, x:x + size]
 
 
-def contours(image_rgb: np.ndarray, inst: np.ndarray, bgr) -> np.ndarray:
-    """BGR copy of the image with the instance map's inner boundaries painted ``bgr``."""
-    out = np.ascontiguousarray(image_rgb[:, :, ::-1]).copy()
-    out[segmentation.find_boundaries(inst, mode="inner")] = bgr
-    return out
-
-
 def figure(image_rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray, crop: int, title: str = "") -> np.ndarray:
     """HxW'x3 BGR: prediction contours | 4-pixel white gap | ground-truth contours, under a 24-pixel title strip."""
     if not (image_rgb.shape[:2] == pred.shape == gt.shape):
         raise ValueError(f"image {image_rgb.shape[:2]}, prediction {pred.shape} and ground truth {gt.shape} differ")
     img, p, g = (centre_crop(a, crop) for a in (image_rgb, pred, gt))
-    left, right = contours(img, p, PRED_BGR), contours(img, g, GT_BGR)
+    left, right = contour_overlay(img, p, PRED_BGR), contour_overlay(img, g, GT_BGR)
     gap = np.full((img.shape[0], 4, 3), 255, np.uint8)
     body = np.concatenate([left, gap, right], axis=1)
     strip = np.full((24, body.shape[1], 3), 255, np.uint8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -30,7 +30,7 @@ from mmt_psm.modeling.psm.instances import instances_from_probability
 from mmt_psm.modeling.psm.tta import dihedral_probability
 from mmt_psm.utils.atomic import write_image, write_json
 
-__all__ = ["predict_probabilities", "write_instances", "score_labels"]
+__all__ = ["predict_probabilities", "write_instances", "score_labels", "contour_overlay"]
 
 Log = Callable[[str], None]
 
@@ -63,10 +63,10 @@ def predict_probabilities(cfg: CfgNode, weights: str, images: List[Dict], out_di
         log(f"[psm predict] {i + 1}/{len(images)} {r['stem']} ({time.perf_counter() - start:.1f} s)")
 
 
-def _overlay(image: np.ndarray, inst: np.ndarray) -> np.ndarray:
-    """BGR image with instance contours in yellow."""
+def contour_overlay(image: np.ndarray, inst: np.ndarray, bgr: Tuple[int, int, int] = (0, 255, 255)) -> np.ndarray:
+    """BGR copy of an RGB image with the instance map's inner boundaries painted ``bgr`` (default yellow)."""
     out = np.ascontiguousarray(image[:, :, ::-1]).copy()
-    out[segmentation.find_boundaries(inst, mode="inner")] = (0, 255, 255)
+    out[segmentation.find_boundaries(inst, mode="inner")] = bgr
     return out
 
 
@@ -79,7 +79,7 @@ def write_instances(cfg: CfgNode, images: List[Dict], prob_dir: str, out_dir: st
         inst = instances_from_probability(prob, ins.THRESHOLD, ins.MIN_SIZE, watershed=ins.WATERSHED,
                                           sigma=pts.SIGMA, min_distance=pts.MIN_DISTANCE, surface=ins.SURFACE)
         write_image(os.path.join(out_dir, "instances", r["stem"] + ".png"), inst.astype(np.uint16))
-        overlay = _overlay(read_he_image(r["file_name"]), inst)
+        overlay = contour_overlay(read_he_image(r["file_name"]), inst)
         write_image(os.path.join(out_dir, "overlays", r["stem"] + ".png"), overlay)
         sc = instance_scores_of(inst, prob)
         for v, s in enumerate(sc, start=1):

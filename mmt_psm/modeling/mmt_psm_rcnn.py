@@ -209,7 +209,8 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         proposal (``[sum R_i, C + 1]``), which the sampled proposals' logits are then taken from instead of a
         second box-branch pass. The box branch is the StandardROIHeads' eval ``_forward_box``; without
         ``with_masks`` the mask head is skipped (the same boxes, scores and classes, no mask head on up to
-        TEST.DETECTIONS_PER_IMAGE boxes: the largest teacher cost when nothing reads the masks)."""
+        TEST.DETECTIONS_PER_IMAGE boxes per view). Detectron2's ``_forward_box`` does not return the logits,
+        hence its four eval-mode lines here."""
         heads = self.teacher.roi_heads
         if not isinstance(heads, StandardROIHeads):
             return heads(images, feats, proposals)[0], None
@@ -291,16 +292,18 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             pos_labels = torch.cat([lab[lab != self.num_classes] for lab in labels])
             view_logits, t_adapted, t_masks = [], [], []
             for v in range(n_views):
-                v_boxes, v_pos = boxes, pos_boxes
-                if flipped[v]:
-                    v_boxes = [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, boxes)]
-                    v_pos = [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, pos_boxes)]
+                def in_view(per_image: List[torch.Tensor], v: int = v) -> List[torch.Tensor]:
+                    """View 0's boxes in view ``v`` (mapped only where that view is flipped)."""
+                    if not flipped[v]:
+                        return per_image
+                    return [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, per_image)]
+
                 if all_logits[v] is not None:
                     view_logits.append(all_logits[v][sampled_rows])
                 else:
-                    view_logits.append(self._box_logits(self.teacher, t_feats[v], v_boxes))
+                    view_logits.append(self._box_logits(self.teacher, t_feats[v], in_view(boxes)))
                 if self.mask_distill:
-                    t_masks.append(self._mask_logits(self.teacher, t_feats[v], v_pos))
+                    t_masks.append(self._mask_logits(self.teacher, t_feats[v], in_view(pos_boxes)))
                 if self.mgd_loss:
                     adapted = self.adaptors_teacher({f: t_feats[v][f] for f in self.mgd_features})
                     t_adapted.append(self._flip_back(adapted, widths) if flipped[v] else adapted)
