@@ -89,6 +89,9 @@ def add_mmt_psm_config(cfg: CN) -> None:
     # the student's mask head learns the teacher's view-ensembled masks on the PSM positives (soft BCE).
     _C.MODEL.MMT_PSM.MASK_DISTILL = False
     _C.MODEL.MMT_PSM.MASK_DISTILL_WEIGHT = 1.0
+    # at most this many positives per image (a random subset) get mask distillation; 0 = all. The teacher's
+    # mask head on every positive in every view is the largest cost of MASK_DISTILL (BENCHMARKS.md).
+    _C.MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES = 0
     # Proposals sampled per unlabeled image and their positive fraction; IoU to a pseudo box for foreground.
     _C.MODEL.MMT_PSM.PROPOSAL_BATCH_SIZE = 512
     _C.MODEL.MMT_PSM.PROPOSAL_POSITIVE_FRACTION = 0.25

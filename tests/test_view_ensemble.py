@@ -17,7 +17,12 @@ from mmt_psm.data.photometric import RandomErasing, RandomHue
 from mmt_psm.data.view_mapper import MMTPSMViewMapper
 from mmt_psm.modeling import mmt_psm_rcnn as rcnn
 from mmt_psm.modeling.pseudo_labels import filter_by_score, foreground_map
-from mmt_psm.modeling.view_ensemble import fuse_view_detections, mask_distillation_loss, teacher_view_masks
+from mmt_psm.modeling.view_ensemble import (
+    fuse_view_detections,
+    mask_distillation_loss,
+    subsample_positives,
+    teacher_view_masks,
+)
 
 W = 100
 
@@ -258,3 +263,54 @@ def test_sampled_proposals_reuse_the_teacher_view_logits_of_its_detection_pass(d
     assert len(old_rows) == detect_passes + n_views and old_rows[:detect_passes] == new_rows[:detect_passes]
     assert len(new_rows) == n_views  # one box pass per view in all; without fusion views 1.. score the sample
     assert old_rows[detect_passes:] == [stacked[0].shape[1]] * n_views
+
+
+def test_subsample_positives_keeps_at_most_n_pairs_per_image_in_order():
+    # box i of image 0 encodes i in x0 and its label is i % 2, so a kept pair must still agree
+    boxes = [Boxes(torch.tensor([[i, 0.0, i + 5, 5] for i in range(7)])), Boxes(torch.tensor([[1.0, 1, 4, 4]] * 2))]
+    labels = [torch.arange(7) % 2, torch.tensor([1, 0])]
+    torch.manual_seed(3)
+    b, lab = subsample_positives(boxes, labels, 3)
+    x0 = b[0].tensor[:, 0].long()
+    assert len(b[0]) == 3 and torch.equal(lab[0], x0 % 2) and torch.equal(x0, x0.sort().values)
+    assert len(set(x0.tolist())) == 3
+    assert b[1] is boxes[1] and lab[1] is labels[1]  # 2 <= 3: kept whole
+    torch.manual_seed(3)
+    assert torch.equal(subsample_positives(boxes, labels, 3)[0][0].tensor, b[0].tensor)  # SEED fixes the draw
+    draws = set()
+    for s in range(20):
+        torch.manual_seed(s)
+        draws.add(tuple(subsample_positives(boxes, labels, 3)[0][0].tensor[:, 0].long().tolist()))
+    assert len(draws) > 5  # a random subset, not always the first three
+
+
+def test_mask_distillation_cap_bounds_the_teacher_mask_head_and_is_exact_when_not_reached(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    cfg.merge_from_list([
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.MMT_PSM.FUSE_ALL_VIEWS", True,
+        "MODEL.MMT_PSM.MASK_DISTILL", True, "MODEL.MMT_PSM.MGD_LOSS", False,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = unlabeled_view_batch(cfg, f"{data}_unlabeled", 2)
+    rois = []
+    model.teacher.roi_heads.mask_head.predictor.register_forward_hook(lambda m, inp, out: rois.append(out.shape[0]))
+    runs = {}
+    for cap in (0, 100000, 2):
+        model.mask_distill_max_positives = cap
+        rois.clear()
+        with EventStorage(start_iter=10) as storage:
+            torch.manual_seed(1)
+            losses = model.unsupervised_losses(batch)
+            runs[cap] = ({k: v.detach().clone() for k, v in losses.items()}, list(rois),
+                         storage.latest()["mmt_psm/positives_per_image"][0])
+    (full, full_rois, pos), (big, big_rois, _), (two, two_rois, pos_two) = runs[0], runs[100000], runs[2]
+    n_views = len(batch[0]["teacher_views"])
+    assert pos > 2 and full_rois == [round(2 * pos)] * n_views  # every positive of both images, in every view
+    assert big_rois == full_rois and all(torch.equal(big[k], full[k]) for k in full)  # a cap not reached: exact
+    assert two_rois == [2 * 2] * n_views  # 2 positives per image in each view
+    assert pos_two == pos  # the cap is on mask distillation only: loss_psm still samples every positive
+    assert math.isfinite(float(two["loss_mask_distill"])) and float(two["loss_mask_distill"]) > 0
+    cfg.MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES = -1
+    with pytest.raises(ValueError, match="MASK_DISTILL_MAX_POSITIVES must be >= 0"):
+        build_model(cfg)

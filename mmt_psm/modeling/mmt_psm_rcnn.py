@@ -25,7 +25,7 @@ from .distill_losses import FeatureAdaptors, mask_guided_feature_loss, psm_disti
 from .pseudo_labels import filter_by_score, foreground_map, label_and_sample, pseudo_targets, training_topk
 from .sensitivity import mine_negatives, proposal_sensitivity
 from .teacher_student import TeacherStudentMixin, ramp_config
-from .view_ensemble import fuse_view_detections, mask_distillation_loss, teacher_view_masks
+from .view_ensemble import fuse_view_detections, mask_distillation_loss, subsample_positives, teacher_view_masks
 from .views import flip_feature_map, level_width
 
 __all__ = ["MMTPSMRCNN"]
@@ -68,6 +68,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         fuse_iou: float = 0.55,
         mask_distill: bool = False,
         mask_distill_weight: float = 1.0,
+        mask_distill_max_positives: int = 0,
         eval_with: str = "teacher",
     ):
         super().__init__()
@@ -97,6 +98,9 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         self.mask_threshold, self.pseudo_score_thresh = mask_threshold, thresholds
         self.fg_map_mode, self.fuse_all_views, self.fuse_iou = fg_map_mode, fuse_all_views, fuse_iou
         self.mask_distill, self.mask_distill_weight = mask_distill, mask_distill_weight
+        if mask_distill_max_positives < 0:
+            raise ValueError(f"MASK_DISTILL_MAX_POSITIVES must be >= 0 (0 = all), got {mask_distill_max_positives}")
+        self.mask_distill_max_positives = mask_distill_max_positives
         if mask_distill and not getattr(student.roi_heads, "mask_on", False):
             raise ValueError("MODEL.MMT_PSM.MASK_DISTILL needs a student with a mask head (MODEL.MASK_ON True)")
         self.proposal_batch_size, self.proposal_positive_fraction = proposal_batch_size, proposal_positive_fraction
@@ -147,6 +151,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             "fuse_iou": m.FUSE_IOU,
             "mask_distill": m.MASK_DISTILL,
             "mask_distill_weight": m.MASK_DISTILL_WEIGHT,
+            "mask_distill_max_positives": m.MASK_DISTILL_MAX_POSITIVES,
         }
 
     # ------------------------------------------------------------------ teacher-student interface
@@ -289,7 +294,10 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             sampled_rows = torch.cat([k + o for k, o in zip(kept, offsets)])
             widths = [w for _, w in t_images[0].image_sizes]
             pos_boxes = [b[lab != self.num_classes] for b, lab in zip(boxes, labels)]
-            pos_labels = torch.cat([lab[lab != self.num_classes] for lab in labels])
+            pos_labels = [lab[lab != self.num_classes] for lab in labels]
+            if self.mask_distill and self.mask_distill_max_positives > 0:  # fewer teacher mask-head inputs
+                pos_boxes, pos_labels = subsample_positives(pos_boxes, pos_labels, self.mask_distill_max_positives)
+            pos_labels = torch.cat(pos_labels)
             view_logits, t_adapted, t_masks = [], [], []
             for v in range(n_views):
                 def in_view(per_image: List[torch.Tensor], v: int = v) -> List[torch.Tensor]:

@@ -8,17 +8,19 @@
   positives learns the teacher's view-ensembled mask probabilities (:func:`teacher_view_masks`) with a soft
   binary cross-entropy. The paper distils only class logits (loss_psm) and masked features (loss_mgd); this is
   the direct lever on the mask quality of cytoplasm, the class where MMT-PSM lags.
+  :func:`subsample_positives` (``MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES``) distils a random subset of at most N
+  positives per image: the expected loss is the same, and the teacher's mask head runs on fewer boxes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
-__all__ = ["fuse_view_detections", "teacher_view_masks", "mask_distillation_loss"]
+__all__ = ["fuse_view_detections", "teacher_view_masks", "mask_distillation_loss", "subsample_positives"]
 
 
 def _flip_instances(det: Instances, width: int) -> Instances:
@@ -100,3 +102,18 @@ def mask_distillation_loss(
     s = student_logits[torch.arange(len(labels), device=student_logits.device), idx]
     return F.binary_cross_entropy_with_logits(s.float(), teacher_probs.detach().float())
 
+
+
+def subsample_positives(
+    boxes: Sequence[Boxes], labels: Sequence[torch.Tensor], max_per_image: int
+) -> Tuple[List[Boxes], List[torch.Tensor]]:
+    """At most ``max_per_image`` of each image's positive boxes and their labels, drawn uniformly without
+    replacement (torch's global generator, so ``SEED`` fixes the draw); images with fewer keep all, in order."""
+    out_boxes, out_labels = [], []
+    for b, lab in zip(boxes, labels):
+        if len(lab) > max_per_image:
+            keep = torch.randperm(len(lab), device=lab.device)[:max_per_image].sort().values
+            b, lab = b[keep], lab[keep]
+        out_boxes.append(b)
+        out_labels.append(lab)
+    return out_boxes, out_labels
