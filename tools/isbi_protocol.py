@@ -23,7 +23,8 @@ and student box-head dropout; they differ only in what the protocol compares:
   unsupervised losses weighted 0), ``mmt_psm_no_mgd`` / ``mmt_psm_no_psm`` (the paper's method without one of
   its two unsupervised losses), ``mmt_psm_fuse_distill`` (plus WITH the feature loss: the plus config until
   2026-11-24, then called ``mmt_psm_plus``), ``mmt_psm_plus_mgd02`` (plus with the feature loss at weight 0.2),
-  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5).
+  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus_cap16`` (plus distilling the masks
+  of at most 16 positives per image, the cost lever of BENCHMARKS.md).
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
@@ -79,6 +80,10 @@ ARMS: Dict[str, Dict[str, str]] = {
     # plus with pseudo-labels from detections >= 0.5 (cytoplasm pseudo-label precision ~0.45 instead of < 0.1)
     "mmt_psm_plus_thr05": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS,
                            "MODEL.MMT_PSM.PSEUDO_SCORE_THRESH": "0.5"},
+    # plus with mask distillation on a random 16 of each image's positives (~32 with a trained teacher): half
+    # the teacher's mask-head inputs, its largest plus-only cost
+    "mmt_psm_plus_cap16": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS,
+                           "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES": "16"},
 }
 DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus", "supervised_n6"]
 METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
