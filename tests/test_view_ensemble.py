@@ -189,10 +189,9 @@ def test_per_class_thresholds_must_match_the_class_count(data, tmp_path):
         build_model(cfg)
 
 
-def test_teacher_mask_head_is_skipped_when_nothing_reads_the_pseudo_label_masks(data, tmp_path):
-    # plus's switches (fusion + mask distillation, no feature loss): the pseudo-labels' masks feed nothing, so the
-    # teacher's mask head runs only on the sampled positives for distillation, and the losses are the same
-    # (bit for bit) as when the masks are computed for a recording step
+def _plus_model(data, tmp_path):
+    """A tiny MMT-PSM with plus's switches (fusion + mask distillation, no feature loss, every detection a
+    pseudo-label), and a list that the teacher's mask head appends its number of boxes to on every call."""
     cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
     cfg.merge_from_list([
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.MMT_PSM.FUSE_ALL_VIEWS", True,
@@ -200,10 +199,18 @@ def test_teacher_mask_head_is_skipped_when_nothing_reads_the_pseudo_label_masks(
     ])
     torch.manual_seed(0)
     model = build_model(cfg)
-    unl = MMTPSMViewMapper(cfg)(DatasetCatalog.get(f"{data}_unlabeled")[0])
-    unl["labeled"] = False
     rois = []
     model.teacher.roi_heads.mask_head.predictor.register_forward_hook(lambda m, inp, out: rois.append(out.shape[0]))
+    return cfg, model, rois
+
+
+def test_teacher_mask_head_is_skipped_when_nothing_reads_the_pseudo_label_masks(data, tmp_path):
+    # plus's switches (fusion + mask distillation, no feature loss): the pseudo-labels' masks feed nothing, so the
+    # teacher's mask head runs only on the sampled positives for distillation, and the losses are the same
+    # (bit for bit) as when the masks are computed for a recording step
+    cfg, model, rois = _plus_model(data, tmp_path)
+    unl = MMTPSMViewMapper(cfg)(DatasetCatalog.get(f"{data}_unlabeled")[0])
+    unl["labeled"] = False
     runs = {}
     for record in (False, True):
         model.record_pseudo_labels = record
@@ -284,31 +291,42 @@ def test_subsample_positives_keeps_at_most_n_pairs_per_image_in_order():
     assert len(draws) > 5  # a random subset, not always the first three
 
 
-def test_mask_distillation_cap_bounds_the_teacher_mask_head_and_is_exact_when_not_reached(data, tmp_path):
-    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
-    cfg.merge_from_list([
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.MMT_PSM.FUSE_ALL_VIEWS", True,
-        "MODEL.MMT_PSM.MASK_DISTILL", True, "MODEL.MMT_PSM.MGD_LOSS", False,
-    ])
-    torch.manual_seed(0)
-    model = build_model(cfg)
+def test_mask_distillation_cap_bounds_the_teacher_mask_head_and_is_exact_when_not_reached(data, tmp_path,
+                                                                                         monkeypatch):
+    cfg, model, rois = _plus_model(data, tmp_path)
     batch = unlabeled_view_batch(cfg, f"{data}_unlabeled", 2)
-    rois = []
-    model.teacher.roi_heads.mask_head.predictor.register_forward_hook(lambda m, inp, out: rois.append(out.shape[0]))
+    mask_boxes = []  # per _mask_logits call: (student?, the boxes of both images)
+    mask_logits = model._mask_logits
+
+    def recording(m, feats, boxes):
+        mask_boxes.append((m is model.student, [b.tensor.clone() for b in boxes]))
+        return mask_logits(m, feats, boxes)
+
+    monkeypatch.setattr(model, "_mask_logits", recording)
     runs = {}
     for cap in (0, 100000, 2):
         model.mask_distill_max_positives = cap
         rois.clear()
+        mask_boxes.clear()
         with EventStorage(start_iter=10) as storage:
             torch.manual_seed(1)
             losses = model.unsupervised_losses(batch)
             runs[cap] = ({k: v.detach().clone() for k, v in losses.items()}, list(rois),
-                         storage.latest()["mmt_psm/positives_per_image"][0])
-    (full, full_rois, pos), (big, big_rois, _), (two, two_rois, pos_two) = runs[0], runs[100000], runs[2]
+                         storage.latest()["mmt_psm/positives_per_image"][0], list(mask_boxes))
+    (full, full_rois, pos, full_boxes), (big, big_rois, _, _), (two, two_rois, pos_two, two_boxes) = (
+        runs[0], runs[100000], runs[2])
     n_views = len(batch[0]["teacher_views"])
     assert pos > 2 and full_rois == [round(2 * pos)] * n_views  # every positive of both images, in every view
     assert big_rois == full_rois and all(torch.equal(big[k], full[k]) for k in full)  # a cap not reached: exact
     assert two_rois == [2 * 2] * n_views  # 2 positives per image in each view
+    # the student distils exactly the positives the teacher's targets were made for (view 0 is not flipped),
+    # and they are a subset of the uncapped run's positives
+    assert [s for s, _ in two_boxes] == [False] * n_views + [True]
+    assert not batch[0]["teacher_transforms"][0].hflip
+    for img in range(2):
+        student, teacher0, every = two_boxes[-1][1][img], two_boxes[0][1][img], full_boxes[-1][1][img]
+        assert len(student) == 2 and torch.equal(student, teacher0)
+        assert all((every == box).all(dim=1).any() for box in student)
     assert pos_two == pos  # the cap is on mask distillation only: loss_psm still samples every positive
     assert math.isfinite(float(two["loss_mask_distill"])) and float(two["loss_mask_distill"]) > 0
     cfg.MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES = -1

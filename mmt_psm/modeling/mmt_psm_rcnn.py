@@ -298,20 +298,21 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             if self.mask_distill and self.mask_distill_max_positives > 0:  # fewer teacher mask-head inputs
                 pos_boxes, pos_labels = subsample_positives(pos_boxes, pos_labels, self.mask_distill_max_positives)
             pos_labels = torch.cat(pos_labels)
+
+            def in_view(per_image: List, v: int) -> List:
+                """View 0's boxes in view ``v`` (mapped only where that view is flipped)."""
+                if not flipped[v]:
+                    return per_image
+                return [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, per_image)]
+
             view_logits, t_adapted, t_masks = [], [], []
             for v in range(n_views):
-                def in_view(per_image: List[torch.Tensor], v: int = v) -> List[torch.Tensor]:
-                    """View 0's boxes in view ``v`` (mapped only where that view is flipped)."""
-                    if not flipped[v]:
-                        return per_image
-                    return [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, per_image)]
-
                 if all_logits[v] is not None:
                     view_logits.append(all_logits[v][sampled_rows])
                 else:
-                    view_logits.append(self._box_logits(self.teacher, t_feats[v], in_view(boxes)))
+                    view_logits.append(self._box_logits(self.teacher, t_feats[v], in_view(boxes, v)))
                 if self.mask_distill:
-                    t_masks.append(self._mask_logits(self.teacher, t_feats[v], in_view(pos_boxes)))
+                    t_masks.append(self._mask_logits(self.teacher, t_feats[v], in_view(pos_boxes, v)))
                 if self.mgd_loss:
                     adapted = self.adaptors_teacher({f: t_feats[v][f] for f in self.mgd_features})
                     t_adapted.append(self._flip_back(adapted, widths) if flipped[v] else adapted)

@@ -103,7 +103,6 @@ def mask_distillation_loss(
     return F.binary_cross_entropy_with_logits(s.float(), teacher_probs.detach().float())
 
 
-
 def subsample_positives(
     boxes: Sequence[Boxes], labels: Sequence[torch.Tensor], max_per_image: int
 ) -> Tuple[List[Boxes], List[torch.Tensor]]:
