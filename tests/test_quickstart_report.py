@@ -61,3 +61,57 @@ def test_run_parallel_runs_every_job_with_one_thread_and_names_a_failed_log(tmp_
             "b": [sys.executable, "-c", "raise SystemExit(3)"]}
     with pytest.raises(RuntimeError, match=r"training 'b' failed \(exit 3\); see .*b\.log"):
         TOOL["run_parallel"](jobs, logs, poll_s=0.05)
+
+
+# a stand-in training: installs the SIGUSR1 handler, prints Detectron2's iteration line, then waits for the
+# signal (up to 60 s) and prints its thread count
+_WAITER = ("import sys, time, torch; sys.path.insert(0, {repo!r}); "
+           "from mmt_psm.utils.threads import install_thread_signal; install_thread_signal(); "
+           "print(' iter: 0', flush=True); t = time.time()\n"
+           "while torch.get_num_threads() == 1 and time.time() - t < 60: time.sleep(0.05)\n"
+           "print('threads', torch.get_num_threads())")
+
+
+@pytest.mark.skipif(TOOL["THREAD_SIGNAL"] is None, reason="no SIGUSR1 on this platform")
+def test_sigusr1_adds_one_thread_up_to_the_usable_cpus(tmp_path):
+    import subprocess
+
+    from mmt_psm.utils.threads import usable_cpus
+    code = (f"import os, signal, sys, torch; sys.path.insert(0, {REPO!r}); "
+            "from mmt_psm.utils.threads import install_thread_signal, usable_cpus; "
+            "assert install_thread_signal(); torch.set_num_threads(1)\n"
+            "for _ in range(usable_cpus() + 2): os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "print(torch.get_num_threads())")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == usable_cpus()  # one per signal, never more than the CPUs
+
+
+@pytest.mark.skipif(TOOL["THREAD_SIGNAL"] is None, reason="no SIGUSR1 on this platform")
+def test_run_parallel_gives_the_freed_core_to_the_run_still_training(tmp_path, capsys):
+    from mmt_psm.utils.threads import usable_cpus
+    if usable_cpus() < 2:
+        pytest.skip("one usable CPU: there is no second thread to take")
+    logs = {n: str(tmp_path / f"{n}.log") for n in ("short", "long")}
+    # the short run ends once the long one is training (its handler installed)
+    short = ("import time; t = time.time()\n"
+             "while ' iter: ' not in open({log!r}).read() and time.time() - t < 120: time.sleep(0.05)")
+    jobs = {"short": [sys.executable, "-c", short.format(log=logs["long"])],
+            "long": [sys.executable, "-c", _WAITER.format(repo=REPO)]}
+    TOOL["run_parallel"](jobs, logs, poll_s=0.05)
+    assert open(logs["long"]).read().split()[-2:] == ["threads", "2"]
+    assert "long takes the freed core (one more torch thread)" in capsys.readouterr().out
+
+
+def test_hand_over_core_leaves_a_run_that_is_still_starting_alone(tmp_path):
+    import subprocess
+    log = tmp_path / "starting.log"
+    log.write_text("[11/24 13:44:01 d2.engine.train_loop]: Starting training from iteration 0\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:  # SIGUSR1's default action would end it: it must not be sent
+        assert TOOL["hand_over_core"]({"starting": proc}, {"starting": str(log)}) == []
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -22,6 +22,8 @@ from typing import Dict, List
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from mmt_psm.utils.threads import THREAD_SIGNAL  # noqa: E402
+
 
 def run(cmd: List[str]) -> None:
     print("+", " ".join(cmd), flush=True)
@@ -38,10 +40,23 @@ def last_iteration(log: str) -> str:
     return lines[-1].split(" iter: ")[1].split()[0] if lines else "starting"
 
 
+def hand_over_core(procs: Dict[str, subprocess.Popen], logs: Dict[str, str]) -> List[str]:
+    """Signals every run that is already training (its log shows an ``iter:`` line) to take one more torch
+    thread (``mmt_psm.utils.threads``: ``tools/train_net.py`` handles SIGUSR1); returns their names. A run still
+    starting is left alone: before its handler is installed the signal's default action would end it."""
+    if THREAD_SIGNAL is None:
+        return []
+    told = [n for n, p in procs.items() if p.poll() is None and last_iteration(logs[n]) != "starting"]
+    for name in told:
+        procs[name].send_signal(THREAD_SIGNAL)
+    return told
+
+
 def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float = 30.0) -> None:
-    """Runs the trainings side by side, one torch thread each, so both cores work (one small model does not
-    scale to two threads); each writes its console to ``logs[name]``; progress every ``poll_s`` seconds.
-    A failure stops the others and raises, naming the failed run's log."""
+    """Runs the trainings side by side, one torch thread each, so both cores work (two threads per run would
+    oversubscribe 2 cores); when one finishes, the runs still training take its core (one more thread each).
+    Each writes its console to ``logs[name]``; progress every ``poll_s`` seconds. A failure stops the others and
+    raises, naming the failed run's log."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs = {}
     for name, cmd in jobs.items():
@@ -63,6 +78,9 @@ def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float
                 raise RuntimeError(f"quickstart: training '{name}' failed (exit {proc.returncode}); "
                                    f"see {logs[name]}")
             print(f"[{time.time() - start:.0f} s] {name} finished", flush=True)
+            for other in hand_over_core(procs, logs):
+                print(f"[{time.time() - start:.0f} s] {other} takes the freed core (one more torch thread)",
+                      flush=True)
         if procs:
             state = ", ".join(f"{n} iter {last_iteration(logs[n])}" for n in procs)
             print(f"[{time.time() - start:.0f} s] {state}", flush=True)

@@ -33,6 +33,7 @@ from mmt_psm.config import add_mmt_psm_config
 from mmt_psm.data.user_datasets import register_datasets_from_config
 from mmt_psm.engine import Trainer
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
+from mmt_psm.utils.threads import install_thread_signal
 
 
 def setup(args) -> CfgNode:
@@ -59,6 +60,7 @@ def setup(args) -> CfgNode:
 
 
 def main(args):
+    install_thread_signal()  # SIGUSR1: one more CPU thread (tools/quickstart.py, when a core frees up)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
