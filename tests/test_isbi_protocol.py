@@ -37,11 +37,14 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
     plus, paper = cfgs["mmt_psm_plus"].MODEL.MMT_PSM, cfgs["mmt_psm"].MODEL.MMT_PSM
     assert plus.MASK_DISTILL and not paper.MASK_DISTILL and not paper.FUSE_ALL_VIEWS
     assert not plus.MGD_LOSS and paper.MGD_LOSS and cfgs["mmt_psm_fuse_distill"].MODEL.MMT_PSM.MGD_LOSS
-    # the plus config file holds exactly the protocol's plus switches
+    # the plus config file holds exactly the protocol's plus switches and the cap of arm mmt_psm_plus_cap16
+    assert cfgs["mmt_psm_plus_cap16"].MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES == 16
+    assert plus.MASK_DISTILL_MAX_POSITIVES == 0
     full = get_cfg()
     add_mmt_psm_config(full)
     full.merge_from_file(os.path.join(REPO, "configs", "mmt_psm_plus_R50.yaml"))
-    for key, value in TOOL["PLUS"].items():
+    assert full.MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES == 16
+    for key, value in TOOL["PLUS_CONFIG"].items():
         node = full
         for part in key.split("."):
             node = node[part]

@@ -14,9 +14,10 @@ and student box-head dropout; they differ only in what the protocol compares:
   that separates "EMA weights" from "unlabeled data").
 * ``mean_teacher``: + the other 4 train frames and the 4 EDF images unlabeled, plain Mean Teacher switches.
 * ``mmt_psm``: the paper's method (``configs/mmt_psm_R50.yaml`` switches).
-* ``mmt_psm_plus``: the switches of ``configs/mmt_psm_plus_R50.yaml`` (``PLUS`` below): the paper's method +
-  view fusion + mask distillation, without the feature loss (it lowers cytoplasm AP here, BENCHMARKS.md).
-  Before 2026-11-24 this arm was called ``mmt_psm_plus_no_mgd``.
+* ``mmt_psm_plus_cap16``: ``configs/mmt_psm_plus_R50.yaml`` (``PLUS_CONFIG`` below): the paper's method +
+  view fusion + mask distillation on a random 16 positives per image, without the feature loss (it lowers
+  cytoplasm AP here, BENCHMARKS.md). ``mmt_psm_plus`` (``PLUS``, run when named) is the same without the cap:
+  the plus config until 2026-11-25 (called ``mmt_psm_plus_no_mgd`` before 2026-11-24).
 * ``supervised_n6``: all 6 labeled frames (upper bound), no unlabeled stream.
 * ablations (run when named): ``mmt_psm_mask_distill``, ``mmt_psm_fuse``, ``mmt_psm_fg_sum``,
   ``mmt_psm_thr07``, ``mmt_psm_labeled_aug`` (the paper's method + one switch each), ``mmt_psm_w0`` (control:
@@ -24,7 +25,8 @@ and student box-head dropout; they differ only in what the protocol compares:
   its two unsupervised losses), ``mmt_psm_fuse_distill`` (plus WITH the feature loss: the plus config until
   2026-11-24, then called ``mmt_psm_plus``), ``mmt_psm_plus_mgd02`` (plus with the feature loss at weight 0.2),
   ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus_cap16`` (plus distilling the masks
-  of at most 16 positives per image, the cost lever of BENCHMARKS.md).
+  of at most 16 positives per image, the cost lever of BENCHMARKS.md; since 2026-11-25 the plus config and a
+  default arm in place of ``mmt_psm_plus``, which stays as the uncapped ablation).
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
@@ -51,6 +53,8 @@ SUPERVISED = {"DATASETS.TRAIN_UNLABELED": "()", "SEMI.IMS_PER_BATCH_UNLABELED": 
 MEAN_TEACHER = {"MODEL.MMT_PSM.NUM_TEACHER_COPIES": "1", "MODEL.MMT_PSM.TEACHER_FLIP": "False",
                 "MODEL.MMT_PSM.MINING": "False", "MODEL.MMT_PSM.MGD_USE_MASK": "False"}
 PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True", "MODEL.MMT_PSM.MGD_LOSS": "False"}
+# configs/mmt_psm_plus_R50.yaml since 2026-11-25: PLUS + the cap (protocol arm mmt_psm_plus_cap16)
+PLUS_CONFIG = {**PLUS, "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES": "16"}
 ARMS: Dict[str, Dict[str, str]] = {
     "supervised_n2": {"DATASETS.SPLIT_FILE": SPLIT, **SUPERVISED},
     "mean_teacher": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **MEAN_TEACHER},
@@ -82,10 +86,9 @@ ARMS: Dict[str, Dict[str, str]] = {
                            "MODEL.MMT_PSM.PSEUDO_SCORE_THRESH": "0.5"},
     # plus with mask distillation on a random 16 of each image's positives (~32 with a trained teacher): half
     # the teacher's mask-head inputs, its largest plus-only cost
-    "mmt_psm_plus_cap16": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS,
-                           "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES": "16"},
+    "mmt_psm_plus_cap16": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS_CONFIG},
 }
-DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus", "supervised_n6"]
+DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus_cap16", "supervised_n6"]
 METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
            "cell/F1-cytoplasm", "cell/F1-nucleus", "cell/Dice-cytoplasm", "cell/Dice-nucleus"]
 
