@@ -15,7 +15,9 @@ are registered in ``setup`` (in every process), before the Trainer is built, e.g
         DATASETS.TEST '("cells_test",)' DATASETS.TRAIN_UNLABELED '("cells_unl",)' DATASETS.SPLIT_FILE '""' \
         MODEL.ROI_HEADS.NUM_CLASSES 1
 
-``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``).
+``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``). On POSIX, a
+running training takes one more CPU thread on ``SIGUSR1`` (``kill -USR1 PID``; ``tools/quickstart.py`` sends it
+when a core frees up).
 """
 from __future__ import annotations
 
