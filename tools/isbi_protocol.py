@@ -24,9 +24,7 @@ and student box-head dropout; they differ only in what the protocol compares:
   unsupervised losses weighted 0), ``mmt_psm_no_mgd`` / ``mmt_psm_no_psm`` (the paper's method without one of
   its two unsupervised losses), ``mmt_psm_fuse_distill`` (plus WITH the feature loss: the plus config until
   2026-11-24, then called ``mmt_psm_plus``), ``mmt_psm_plus_mgd02`` (plus with the feature loss at weight 0.2),
-  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus_cap16`` (plus distilling the masks
-  of at most 16 positives per image, the cost lever of BENCHMARKS.md; since 2026-11-25 the plus config and a
-  default arm in place of ``mmt_psm_plus``, which stays as the uncapped ablation).
+  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus`` (plus without the cap, above).
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
