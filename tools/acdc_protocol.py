@@ -47,8 +47,20 @@ ARMS = {
     # BatchNorm running statistics (the test-time ones) from the labeled slices only
     "mean_teacher_bn": ("mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled"}),
     "lcc_plus_bn": ("lcc_plus.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled"}),
+    # which LCC term costs Dice at 256 px: low-confidence consistency alone, BatchNorm from the labeled slices
+    "lcc_no_separation_bn": (
+        "lcc_mean_teacher.yaml",
+        {**UNLABELED, "MODEL.LCC.SEPARATION": "False", "MODEL.LCC.BN_STATS": "labeled"},
+    ),
+    # Mean Teacher with 10x SSL4MIS's consistency weight: at 0.1 the unlabeled slices barely enter the loss
+    "mean_teacher_bn_w1": (
+        "mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled", "SEMI.UNSUP_WEIGHT": "1.0"}
+    ),
 }
-ABLATIONS = ("lcc_no_separation", "lcc_proj", "lcc_late", "mean_teacher_bn", "lcc_plus_bn")
+ABLATIONS = (
+    "lcc_no_separation", "lcc_proj", "lcc_late", "mean_teacher_bn", "lcc_plus_bn", "lcc_no_separation_bn",
+    "mean_teacher_bn_w1",
+)
 METRICS = ["Dice-RV", "Dice-Myo", "Dice-LV", "Dice", "HD95-RV", "HD95-Myo", "HD95-LV", "HD95"]
 TASK = "sem_seg_volume"
 
