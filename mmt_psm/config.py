@@ -45,6 +45,10 @@ def add_mmt_psm_config(cfg: CN) -> None:
     _C.SEMI.EMA_START_ITER = 0
     # Copy the student into the teacher when burn-in ends.
     _C.SEMI.COPY_TEACHER_AT_BURN_IN = True
+    # Skip the burn-in: a supervised run's checkpoint after iteration BURN_IN_ITERS - 1 (same labeled stream and
+    # solver) is loaded into student and teacher, and training starts at BURN_IN_ITERS; "" = train the burn-in.
+    # The quickstart uses it to share its supervised run's first half with MMT-PSM.
+    _C.SEMI.BURN_IN_CHECKPOINT = ""
     # Unsupervised weight w(t) = UNSUP_WEIGHT * ramp(t): exp(-5(1-x)^2) over RAMP_UP_ITERS after burn-in,
     # exp(-12(1-x)^2) over the last RAMP_DOWN_ITERS (0 disables a ramp).
     _C.SEMI.UNSUP_WEIGHT = 1.0

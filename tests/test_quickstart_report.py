@@ -52,11 +52,13 @@ def test_last_iteration_reads_detectron2s_console_line(tmp_path):
     assert TOOL["last_iteration"](str(log)) == "39"
 
 
-def test_run_parallel_runs_every_job_with_one_thread_and_names_a_failed_log(tmp_path):
+def test_run_parallel_shares_the_cpus_between_the_jobs_and_names_a_failed_log(tmp_path):
+    from mmt_psm.utils.threads import usable_cpus
     code = "import os; print('threads', os.environ['OMP_NUM_THREADS'])"
     logs = {n: str(tmp_path / f"{n}.log") for n in ("a", "b")}
     TOOL["run_parallel"]({n: [sys.executable, "-c", code] for n in logs}, logs, poll_s=0.05)
-    assert all(open(p).read().strip() == "threads 1" for p in logs.values())
+    share = max(1, usable_cpus() // 2) if TOOL["THREAD_SIGNAL"] is not None else 1  # 1 each on 2 cores
+    assert all(open(p).read().strip() == f"threads {share}" for p in logs.values())
     jobs = {"a": [sys.executable, "-c", "import time; time.sleep(30)"],
             "b": [sys.executable, "-c", "raise SystemExit(3)"]}
     with pytest.raises(RuntimeError, match=r"training 'b' failed \(exit 3\); see .*b\.log"):
@@ -91,6 +93,27 @@ def test_sigusr1_adds_one_thread_up_to_the_usable_cpus(tmp_path):
     assert [int(c) for c in out.stdout.split()] == [min(i + 2, n) for i in range(n + 1)]
 
 
+def test_give_back_thread_drops_one_never_below_one():
+    import torch
+
+    from mmt_psm.utils.threads import give_back_thread
+    torch.set_num_threads(2)  # the autouse fixture restores the session's count
+    assert [give_back_thread(), give_back_thread()] == [1, 1]
+
+
+@pytest.mark.skipif(TOOL["GIVE_BACK_SIGNAL"] is None, reason="no SIGUSR1/SIGUSR2 on this platform")
+def test_a_thread_signal_after_the_exit_handlers_does_not_kill_the_process():
+    import subprocess
+    # Python's finalisation resets handled signals to their default action (end the process): a signal the
+    # quickstart sends to a run that is just exiting must find them ignored instead
+    code = (f"import atexit, os, signal, sys; sys.path.insert(0, {REPO!r}); "
+            "from mmt_psm.utils.threads import install_thread_signal; assert install_thread_signal(); "
+            "atexit._run_exitfuncs(); os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGUSR2); "
+            "print(signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr
+
+
 @pytest.mark.skipif(TOOL["THREAD_SIGNAL"] is None, reason="no SIGUSR1 on this platform")
 def test_run_parallel_gives_the_freed_core_to_the_run_still_training(tmp_path, capsys):
     from mmt_psm.utils.threads import usable_cpus
@@ -105,6 +128,42 @@ def test_run_parallel_gives_the_freed_core_to_the_run_still_training(tmp_path, c
     TOOL["run_parallel"](jobs, logs, poll_s=0.05)
     assert open(logs["long"]).read().split()[-2:] == ["threads", "2"]
     assert "long takes the freed core (one more torch thread)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(TOOL["GIVE_BACK_SIGNAL"] is None, reason="no SIGUSR2 on this platform")
+def test_a_job_waiting_for_a_file_starts_when_it_appears_and_the_running_one_gives_a_core_back(tmp_path, capsys):
+    from mmt_psm.utils.threads import usable_cpus
+    if usable_cpus() != 2:
+        pytest.skip("the thread counts below are those of 2 usable CPUs")
+    logs = {n: str(tmp_path / f"{n}.log") for n in ("first", "second")}
+    flag = tmp_path / "model_0000099.pth"
+    # alone, the first job trains on both cores; it writes the file (atomically), then waits for SIGUSR2
+    first = (f"import os, sys, time, torch; sys.path.insert(0, {REPO!r}); "
+             "from mmt_psm.utils.threads import install_thread_signal; install_thread_signal(); "
+             "print('alone', torch.get_num_threads()); print(' iter: 99', flush=True)\n"
+             f"open({str(flag) + '.tmp'!r}, 'w').close(); os.replace({str(flag) + '.tmp'!r}, {str(flag)!r})\n"
+             "t = time.time()\n"
+             "while torch.get_num_threads() == 2 and time.time() - t < 60: time.sleep(0.05)\n"
+             "print('shared', torch.get_num_threads())")
+    second = f"import os; print('exists', os.path.exists({str(flag)!r}), 'threads', os.environ['OMP_NUM_THREADS'])"
+    TOOL["run_parallel"]({"first": [sys.executable, "-c", first], "second": [sys.executable, "-c", second]},
+                         logs, poll_s=0.05, after={"second": str(flag)})
+    printed = [ln.split() for ln in open(logs["first"]) if ln.split()[:1] in (["alone"], ["iter:"], ["shared"])]
+    assert printed == [["alone", "2"], ["iter:", "99"], ["shared", "1"]]  # (the log also holds import warnings)
+    assert open(logs["second"]).read().split() == ["exists", "True", "threads", "1"]
+    assert "first gives a core to second" in capsys.readouterr().out
+
+
+def test_a_job_waiting_for_a_file_nobody_writes_is_an_error(tmp_path):
+    logs = {n: str(tmp_path / f"{n}.log") for n in ("first", "second")}
+    jobs = {n: [sys.executable, "-c", "pass"] for n in logs}
+    with pytest.raises(RuntimeError, match=r"'second' waits for .*never\.pth, which no run wrote"):
+        TOOL["run_parallel"](jobs, logs, poll_s=0.05, after={"second": str(tmp_path / "never.pth")})
+    assert not os.path.exists(logs["second"])  # never started
+
+
+def test_burn_in_checkpoint_name_follows_the_mmt_psm_config():
+    assert TOOL["burn_in_iters"](TOOL["MMT_CONFIG"]) == 100  # configs/quickstart/mmt_psm.yaml: model_0000099.pth
 
 
 def test_hand_over_core_leaves_a_run_that_is_still_starting_alone(tmp_path):

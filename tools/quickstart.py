@@ -3,8 +3,9 @@
 
 1. generates the synthetic overlapping-cell data set (8 labeled, 32 unlabeled, 8 test images of 256 x 256);
 2. trains a supervised Mask R-CNN (R18-FPN, GN) on the 8 labeled images;
-3. trains MMT-PSM on labeled + unlabeled images with the same labeled stream and schedule (supervised burn-in
-   for the first half, then teacher-student training);
+3. trains MMT-PSM on labeled + unlabeled images with the same labeled stream and schedule: its supervised
+   burn-in (the first half) IS the supervised run's first half (``SEMI.BURN_IN_CHECKPOINT``: the supervised
+   run's checkpoint there), then teacher-student training beside the supervised run's second half;
 4. evaluates (COCO AP + AJI / F1 / Dice), draws predictions beside the ground truth as PNGs, prints a table,
    the sentence that is true of it (does MMT-PSM beat supervised here?) and the teacher's pseudo-label quality
    on the unlabeled images (their labels are held back: read by the monitor only, never trained on).
@@ -17,12 +18,26 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mmt_psm.utils.threads import THREAD_SIGNAL  # noqa: E402
+from mmt_psm.utils.threads import GIVE_BACK_SIGNAL, THREAD_SIGNAL, usable_cpus  # noqa: E402
+
+SUP_CONFIG, MMT_CONFIG = "configs/quickstart/supervised.yaml", "configs/quickstart/mmt_psm.yaml"
+
+
+def burn_in_iters(config_file: str) -> int:
+    """``SEMI.BURN_IN_ITERS`` of a config file (with its bases)."""
+    from detectron2.config import get_cfg
+
+    from mmt_psm.config import add_mmt_psm_config
+
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config_file))
+    return int(cfg.SEMI.BURN_IN_ITERS)
 
 
 def run(cmd: List[str]) -> None:
@@ -40,33 +55,56 @@ def last_iteration(log: str) -> str:
     return lines[-1].split(" iter: ")[1].split()[0] if lines else "starting"
 
 
-def hand_over_core(procs: Dict[str, subprocess.Popen], logs: Dict[str, str]) -> List[str]:
-    """Signals every run that is already training (its log shows an ``iter:`` line) to take one more torch
-    thread (``mmt_psm.utils.threads``: ``tools/train_net.py`` handles SIGUSR1); returns their names. A run still
-    starting is left alone: before its handler is installed the signal's default action would end it."""
-    if THREAD_SIGNAL is None:
+def _training(procs: Dict[str, subprocess.Popen], logs: Dict[str, str]) -> List[str]:
+    """The runs still going whose log shows an ``iter:`` line: their thread-signal handlers are installed."""
+    return [n for n, p in procs.items() if p.poll() is None and last_iteration(logs[n]) != "starting"]
+
+
+def hand_over_core(procs: Dict[str, subprocess.Popen], logs: Dict[str, str], sig: Optional[int] = THREAD_SIGNAL
+                   ) -> List[str]:
+    """Signals every run that is already training to take one more torch thread (``sig`` = SIGUSR1; SIGUSR2:
+    give one back; ``mmt_psm.utils.threads``, handled by ``tools/train_net.py``); returns their names. A run
+    still starting is left alone: before its handler is installed the signal's default action would end it."""
+    if sig is None:
         return []
-    told = [n for n, p in procs.items() if p.poll() is None and last_iteration(logs[n]) != "starting"]
+    told = _training(procs, logs)
     for name in told:
-        procs[name].send_signal(THREAD_SIGNAL)
+        procs[name].send_signal(sig)
     return told
 
 
-def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float = 30.0) -> None:
-    """Runs the trainings side by side, one torch thread each, so both cores work (two threads per run would
+def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float = 30.0,
+                 after: Optional[Dict[str, str]] = None) -> None:
+    """Runs the trainings side by side on the usable CPUs, one torch thread each (two per run would
     oversubscribe 2 cores); when one finishes, the runs still training take its core (one more thread each).
-    Each writes its console to ``logs[name]``; progress every ``poll_s`` seconds. A failure stops the others and
-    raises, naming the failed run's log."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    procs = {}
-    for name, cmd in jobs.items():
+
+    ``after[name]`` is a file another job writes (atomically; e.g. its checkpoint): that job starts once the
+    file exists. Until then the jobs already running share its core (CPUs // running jobs threads each), and
+    when it starts they give one thread back. Each job writes its console to ``logs[name]``; progress every
+    ``poll_s`` seconds. A failure stops the others and raises, naming the failed run's log."""
+    after = dict(after or {})
+    waiting = {n: cmd for n, cmd in jobs.items() if n in after}
+    first = [n for n in jobs if n not in after]
+    share = max(1, usable_cpus() // max(1, len(first))) if THREAD_SIGNAL is not None else 1
+    procs: Dict[str, subprocess.Popen] = {}
+
+    def launch(name: str, threads: int) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         os.makedirs(os.path.dirname(logs[name]) or ".", exist_ok=True)
-        print("+", " ".join(cmd), ">", logs[name], flush=True)
+        print("+", " ".join(jobs[name]), ">", logs[name], flush=True)
         with open(logs[name], "w") as out:
-            procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    start = time.time()
-    while procs:
-        time.sleep(poll_s if all(p.poll() is None for p in procs.values()) else 0)
+            procs[name] = subprocess.Popen(jobs[name], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    for name in first:
+        launch(name, share)
+    start = last_report = time.time()
+    while procs or waiting:
+        time.sleep(min(poll_s, 1.0))
+        for name in [n for n in waiting if os.path.exists(after[n])]:
+            del waiting[name]
+            for other in hand_over_core(procs, logs, GIVE_BACK_SIGNAL) if share > 1 else []:
+                print(f"[{time.time() - start:.0f} s] {other} gives a core to {name}", flush=True)
+            launch(name, 1)
         for name, proc in list(procs.items()):
             if proc.poll() is None:
                 continue
@@ -81,8 +119,13 @@ def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float
             for other in hand_over_core(procs, logs):
                 print(f"[{time.time() - start:.0f} s] {other} takes the freed core (one more torch thread)",
                       flush=True)
-        if procs:
-            state = ", ".join(f"{n} iter {last_iteration(logs[n])}" for n in procs)
+        if waiting and not procs:
+            raise RuntimeError("quickstart: " + ", ".join(f"'{n}' waits for {after[n]}" for n in waiting)
+                               + ", which no run wrote")
+        if procs and time.time() - last_report >= poll_s:
+            last_report = time.time()
+            state = ", ".join([f"{n} iter {last_iteration(logs[n])}" for n in procs]
+                              + [f"{n} waits for {os.path.basename(after[n])}" for n in waiting])
             print(f"[{time.time() - start:.0f} s] {state}", flush=True)
 
 
@@ -153,13 +196,18 @@ def main(argv=None) -> int:
     start = time.time()
     run([py, "datasets/prepare_synthetic.py"])
     sup_dir, mmt_dir = os.path.join(args.output, "supervised"), os.path.join(args.output, "mmt_psm")
+    burn_in = burn_in_iters(MMT_CONFIG)
+    shared = os.path.join(sup_dir, f"model_{burn_in - 1:07d}.pth")  # the supervised run after burn_in iterations
+    if os.path.exists(shared):
+        os.remove(shared)  # a previous quickstart's: MMT-PSM must wait for this run's
     run_parallel(
-        {"supervised": [py, "tools/train_net.py", "--config-file", "configs/quickstart/supervised.yaml",
-                        "OUTPUT_DIR", sup_dir],
-         "mmt_psm": [py, "tools/train_net.py", "--config-file", "configs/quickstart/mmt_psm.yaml",
-                     "OUTPUT_DIR", mmt_dir]},
+        {"supervised": [py, "tools/train_net.py", "--config-file", SUP_CONFIG, "OUTPUT_DIR", sup_dir,
+                        "SOLVER.CHECKPOINT_PERIOD", str(burn_in)],
+         "mmt_psm": [py, "tools/train_net.py", "--config-file", MMT_CONFIG, "OUTPUT_DIR", mmt_dir,
+                     "SEMI.BURN_IN_CHECKPOINT", shared]},
         {"supervised": os.path.join(args.output, "supervised.console.log"),
-         "mmt_psm": os.path.join(args.output, "mmt_psm.console.log")})
+         "mmt_psm": os.path.join(args.output, "mmt_psm.console.log")},
+        after={"mmt_psm": shared})
 
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg

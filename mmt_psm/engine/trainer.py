@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
@@ -161,6 +162,8 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
+        if self.start_iter == 0 and self.cfg.SEMI.BURN_IN_CHECKPOINT:  # a resumed run has its own checkpoint
+            self._start_after_burn_in(self.cfg.SEMI.BURN_IN_CHECKPOINT)
         if self.start_iter > 0 or self.data_seed != self.cfg.DATALOADER.STREAM_SEED:
             cfg = self.cfg.clone()
             cfg.defrost()
@@ -170,6 +173,35 @@ class Trainer(DefaultTrainer):
             loader = self.build_train_loader(cfg, start_iter=self.start_iter)
             self._trainer.data_loader = loader
             self._trainer._data_loader_iter = iter(loader)
+
+    def _start_after_burn_in(self, path: str) -> None:
+        """Skip the burn-in: load a supervised run's checkpoint after iteration ``SEMI.BURN_IN_ITERS - 1`` into
+        student and teacher (the copy burn-in would end with) and start at iteration ``BURN_IN_ITERS``, where
+        that run's labeled stream and learning-rate schedule left off. The optimizer's momentum starts from
+        zero (the teacher-student model has parameters the supervised one lacks)."""
+        burn_in = self.cfg.SEMI.BURN_IN_ITERS
+        if not hasattr(unwrap_model(self._trainer.model), "teacher_student_pairs"):
+            raise ValueError(f"SEMI.BURN_IN_CHECKPOINT={path}: {self.cfg.MODEL.META_ARCHITECTURE} has no teacher; "
+                             "use MODEL.WEIGHTS to initialise a supervised model")
+        if burn_in <= 0:
+            raise ValueError(f"SEMI.BURN_IN_CHECKPOINT={path} needs SEMI.BURN_IN_ITERS > 0 (the iteration the "
+                             "teacher-student phase starts at)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SEMI.BURN_IN_CHECKPOINT={path} does not exist (a checkpoint of the "
+                                    f"supervised run after iteration {burn_in - 1}, e.g. model_{burn_in - 1:07d}.pth)")
+        rest = self.checkpointer.load(path, checkpointables=[])
+        done = rest.get("iteration", rest.get("trainer", {}).get("iteration"))
+        if done != burn_in - 1:
+            raise ValueError(f"SEMI.BURN_IN_CHECKPOINT={path} was written after iteration {done}, but "
+                             f"SEMI.BURN_IN_ITERS={burn_in} needs the checkpoint after iteration {burn_in - 1}")
+        self.start_iter = burn_in
+        # the schedule's learning rate at iteration `burn_in` (the LRScheduler hook steps after every iteration)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+            self.scheduler.last_epoch = burn_in - 1
+            self.scheduler.step()
+        logger.info(f"Teacher-student phase from {path}: student and teacher loaded, starting at iteration "
+                    f"{burn_in}, learning rate {self.scheduler.get_last_lr()[0]:.6g}")
 
     # ------------------------------------------------------------------ evaluation
     @classmethod
