@@ -24,6 +24,9 @@ def add_semantic_config(cfg: CN) -> None:
     # semantic_slice training: SSL4MIS's RandomGenerator (rot90 + flip with p 0.5, else rotation in +-ANGLE)
     cfg.INPUT.SLICE_AUGMENT = True
     cfg.INPUT.ROTATION_ANGLE = 20.0
+    # volume evaluation (3D Dice / HD95): keep only each structure's largest 3D connected component per volume
+    # before scoring (a common cardiac post-processing; SSL4MIS does not, hence off)
+    cfg.TEST.VOLUME_LARGEST_COMPONENT = False
 
     # ---------------------------------------------------------------- mixed supervision (Dolz / Liu et al.)
     cfg.MODEL.MIXED_SUP = CN()

@@ -9,7 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from mmt_psm.evaluation.volume_evaluator import VolumeSegEvaluator, summarize
-from mmt_psm.evaluation.volume_metrics import dice_hd95, volume_scores
+from mmt_psm.evaluation.volume_metrics import dice_hd95, largest_components, volume_scores
 
 
 def test_dice_hand_case():
@@ -96,3 +96,50 @@ def test_evaluator_stacks_slices_in_order(tmp_path):
     myo_gt, myo_pred = 3 * 32, 3 * 32 + 4
     assert res["Dice-Myo"] == pytest.approx(2 * myo_gt / (myo_gt + myo_pred))
     assert os.path.isfile(tmp_path / "volume_metrics.json")
+
+
+def test_largest_components_keeps_each_structures_largest_3d_component():
+    pred = np.zeros((3, 10, 10), np.uint8)
+    pred[0:3, 1:4, 1:4] = 1  # RV: 27 voxels ...
+    pred[1, 8, 8] = 1  # ... and a 1-voxel island
+    pred[0, 6:9, 1:3] = 2  # Myo: 6 voxels on slice 0 ...
+    pred[2, 6:9, 1:4] = 2  # ... 9 on slice 2 (not face-connected across slice 1)
+    pred[1, 5, 5] = 3  # LV: a single component stays
+    out = largest_components(pred, [1, 2, 3])
+    expected = pred.copy()
+    expected[1, 8, 8] = 0
+    expected[0, 6:9, 1:3] = 0
+    np.testing.assert_array_equal(out, expected)
+    assert pred[1, 8, 8] == 1  # the input is not modified
+    # a face-connected chain across slices is one component: nothing removed
+    chain = np.zeros((3, 4, 4), np.uint8)
+    chain[0, 0, 0] = chain[1, 0, 0] = chain[2, 0, 0] = chain[2, 3, 3] = 1
+    assert largest_components(chain, [1]).sum() == 3
+
+
+def test_evaluator_with_largest_component_drops_an_island(tmp_path):
+    """A false island far from the structure costs Dice and HD95; the switch removes it before scoring."""
+    lab = np.zeros((20, 20), np.uint8)
+    lab[2:8, 2:8] = 3
+    path = str(tmp_path / "gt.png")
+    cv2.imwrite(path, lab)
+    name = "volume_eval_cc_test"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    dicts = [{"file_name": path, "sem_seg_file_name": path, "volume_id": "v", "slice_index": 0}]
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(stuff_classes=["background", "RV", "Myo", "LV"], ignore_label=255,
+                                  volume_classes=["RV", "Myo", "LV"])
+    pred = lab.copy()
+    pred[14:19, 14:19] = 3  # 25-voxel island, ~10 voxels away
+    logits = torch.nn.functional.one_hot(torch.as_tensor(pred).long(), 4).permute(2, 0, 1).float()
+    scores = {}
+    for flag in (False, True):
+        ev = VolumeSegEvaluator(name, distributed=False, largest_component=flag)
+        ev.reset()
+        ev.process(dicts, [{"sem_seg": logits}])
+        scores[flag] = ev.evaluate()["sem_seg_volume"]
+    assert scores[False]["Dice-LV"] == pytest.approx(2 * 36 / (36 + 61))
+    assert scores[False]["HD95-LV"] > 10
+    assert scores[True]["Dice-LV"] == 1.0 and scores[True]["HD95-LV"] == 0.0

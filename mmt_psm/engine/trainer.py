@@ -114,7 +114,7 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         if MetadataCatalog.get(dataset_name).get("evaluator_type", None) == "sem_seg_volume":
-            return build_volume_evaluators(dataset_name, output_folder)
+            return build_volume_evaluators(dataset_name, output_folder, cfg.TEST.VOLUME_LARGEST_COMPONENT)
         if MetadataCatalog.get(dataset_name).get("evaluator_type", None) == "nuclei_instances":  # PSM nuclei
             from mmt_psm.evaluation.nuclei_evaluator import NucleiInstanceEvaluator
 

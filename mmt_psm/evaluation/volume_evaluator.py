@@ -6,7 +6,9 @@ Dict fields used: ``volume_id`` and ``slice_index`` (slices are stacked in slice
 
 Results: ``{"sem_seg_volume": {"Dice-<c>", "Dice-<c>_std", "HD95-<c>", "HD95-<c>_std" per structure, "Dice",
 "HD95" (means over structures), "num_volumes"}}``; Dice in [0, 1] as the cardiac literature reports it, mean and
-std over volumes. Empty cases: see :mod:`mmt_psm.evaluation.volume_metrics`.
+std over volumes. Empty cases: see :mod:`mmt_psm.evaluation.volume_metrics`. With ``largest_component`` (config
+``TEST.VOLUME_LARGEST_COMPONENT``, off by default as in SSL4MIS) each structure keeps only its largest 3D connected
+component per volume before scoring.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from tabulate import tabulate
 from mmt_psm.data.semantic_mapper import read_label_map
 
 from ..utils.atomic import write_json
-from .volume_metrics import volume_scores
+from .volume_metrics import largest_components, volume_scores
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,11 @@ logger = logging.getLogger(__name__)
 class VolumeSegEvaluator(DatasetEvaluator):
     """3D Dice / HD95 per structure over the volumes of a slice data set (e.g. ACDC)."""
 
-    def __init__(self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True):
+    def __init__(self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True,
+                 largest_component: bool = False):
         meta = MetadataCatalog.get(dataset_name)
         self._name, self._output_dir, self._distributed = dataset_name, output_dir, distributed
+        self._largest_component = bool(largest_component)
         self._classes = list(meta.stuff_classes)
         self._ignore = int(meta.get("ignore_label", 255))
         names = meta.get("volume_classes", self._classes[1:])
@@ -88,6 +92,8 @@ class VolumeSegEvaluator(DatasetEvaluator):
             pred = np.stack([s["pred"] for s in items])
             if pred.shape != gt.shape:
                 raise ValueError(f"volume {vid}: prediction {pred.shape} vs ground truth {gt.shape}")
+            if self._largest_component:
+                pred = largest_components(pred, list(self._structures))
             spacing = items[0]["spacing"]
             if spacing is not None and len(spacing) == 2:
                 spacing = None  # in-plane only: slice distance unknown, stay in voxels
@@ -100,7 +106,8 @@ class VolumeSegEvaluator(DatasetEvaluator):
                 for name in self._structures.values()]
         rows.append(["mean", f"{result['Dice']:.4f}", f"{result['HD95']:.2f}"])
         table = tabulate(rows, headers=["structure", "3D Dice", "HD95"], tablefmt="pipe")
-        logger.info(f"Volume metrics on {self._name} ({n} volumes, mean +- std over volumes):\n{table}")
+        post = ", largest 3D component per structure" if self._largest_component else ""
+        logger.info(f"Volume metrics on {self._name} ({n} volumes, mean +- std over volumes{post}):\n{table}")
 
 
 def summarize(per_volume: Dict[str, Dict[str, float]], structures: List[str]) -> Dict[str, float]:
@@ -115,9 +122,11 @@ def summarize(per_volume: Dict[str, Dict[str, float]], structures: List[str]) ->
     return out
 
 
-def build_volume_evaluators(dataset_name: str, output_dir: Optional[str] = None):
-    """Detectron2's ``SemSegEvaluator`` (mIoU, pixel accuracy) + ``VolumeSegEvaluator`` (3D Dice, HD95)."""
+def build_volume_evaluators(dataset_name: str, output_dir: Optional[str] = None, largest_component: bool = False):
+    """Detectron2's ``SemSegEvaluator`` (mIoU, pixel accuracy, on the raw predictions) + ``VolumeSegEvaluator``
+    (3D Dice, HD95; ``largest_component``: after keeping each structure's largest 3D component)."""
     from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
 
     return DatasetEvaluators([SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir),
-                              VolumeSegEvaluator(dataset_name, output_dir=output_dir)])
+                              VolumeSegEvaluator(dataset_name, output_dir=output_dir,
+                                                 largest_component=largest_component)])
