@@ -27,3 +27,23 @@ def test_summary_mean_std_over_seeds_and_other_model():
     assert table["lcc (student)"]["HD95"][0] == pytest.approx(1.3)
     md = TOOL["markdown"](table, [1, 2])
     assert "| lcc | 2 | 0.300 +- 0.100" in md
+
+
+def test_largest_component_rescoring_collects_finished_runs_only(tmp_path):
+    """--largest-component trains nothing: it reads (or makes) each finished run's re-scored evaluation and
+    writes its own table beside the protocol's; an unfinished run is a failure naming the command to run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = protocol_run_dir(out, [{"iteration": 1199, "sem_seg_volume/Dice": 0.79}], max_iter=1200)
+    os.rename(run, out / "mixed_seed1")
+    (out / "mixed_seed1" / "largest_component").mkdir()
+    rescored = {"sem_seg_volume/Dice": 0.81, "sem_seg_volume/Dice-RV": 0.75, "sem_seg_volume_teacher/Dice": 0.7,
+                "sem_seg_volume_teacher/Dice-RV": 0.6}
+    (out / "mixed_seed1" / "largest_component" / "eval_results.json").write_text(json.dumps(rescored))
+    rc = TOOL["main"](["--largest-component", "--arms", "mixed", "supervised_p3", "--seeds", "1", "--out", str(out)])
+    assert rc == 1
+    res = json.loads((out / "largest_component" / "results.json").read_text())
+    assert res["table"]["mixed"]["Dice"] == [0.81, 0.0, 1] and res["table"]["mixed (teacher)"]["Dice"][0] == 0.7
+    assert res["failures"] == [f"supervised_p3 seed 1 has no final results in {out}/supervised_p3_seed1: "
+                               "train it first"]
+    assert not (out / "results.md").exists()  # the protocol's own table is left alone

@@ -1,6 +1,7 @@
 """Teacher/student evaluation: the merged results hold each model's metrics under the right name (SEMI.EVAL_WITH
 teacher or student), for one and for several test sets, in Trainer.test and in train_net.py --eval-only."""
 import importlib.util
+import json
 import os
 from collections import OrderedDict
 
@@ -9,6 +10,7 @@ import torch
 from common import REPO, tiny_cfg, tiny_synthetic
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.testing import flatten_results_dict
 
 from mmt_psm.engine import Trainer
 
@@ -127,3 +129,7 @@ def test_eval_only_command_line_merges_teacher_and_student(data, tmp_path, monke
     for name, n in zip(tests, (2.0, 1.0)):
         assert list(per_set[name]) == ["count", "count_student"]
         _check(per_set[name], n, "count", "count_student")
+    with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json")) as f:  # the flattened results, for scripts
+        written = json.load(f)
+    key = "count/dets" if len(tests) == 1 else f"{tests[0]}/count/dets"
+    assert written[key] == per_set[tests[0]]["count"]["dets"] and len(written) == len(flatten_results_dict(results))

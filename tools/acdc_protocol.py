@@ -13,17 +13,22 @@ lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a 
 slices only, ``MODEL.LCC.BN_STATS labeled``) run when named in --arms. A finished run (its
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
 (``--resume``). Writes <out>/results.json and <out>/results.md (per structure Dice and HD95, mean +- std over
-seeds, of the reported model and, for teacher-student arms, of the other one).
+seeds, of the reported model and, for teacher-student arms, of the other one). lcc_no_separation_bn and
+mean_teacher_bn_w1 (consistency weight 1) add the BatchNorm switch to lcc_no_separation and mean_teacher.
+
+``--largest-component`` trains nothing: it re-scores finished runs' final models keeping only each structure's
+largest 3D connected component (``TEST.VOLUME_LARGEST_COMPONENT``) into <out>/largest_component/results.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.utils.protocol import final_metrics, run_arm, run_jobs, write_results  # noqa: E402
+from mmt_psm.utils.protocol import final_metrics, run_arm, run_jobs, train, write_results  # noqa: E402
 from mmt_psm.utils.protocol import markdown as protocol_markdown  # noqa: E402
 from mmt_psm.utils.protocol import summarize as protocol_summarize  # noqa: E402
 
@@ -79,6 +84,25 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> Dict[str, float]:
                    lambda res: f"Dice {res[f'{TASK}/Dice']:.4f}")
 
 
+def rescore_largest_component(arm: str, seed: int, args: argparse.Namespace) -> Dict[str, float]:
+    """A finished run's final model re-evaluated with ``TEST.VOLUME_LARGEST_COMPONENT True`` (into
+    ``<run>/largest_component``; done once); its flattened results, as ``final_results`` gives them."""
+    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
+    if final_results(run_dir) is None:
+        raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}: train it first")
+    out_dir = os.path.join(run_dir, "largest_component")
+    path = os.path.join(out_dir, "eval_results.json")
+    if not os.path.isfile(path):
+        opts = ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", out_dir,
+                "TEST.VOLUME_LARGEST_COMPONENT", "True"]
+        train(ROOT, os.path.join(run_dir, "config.yaml"), opts, out_dir, args.threads,
+              what=f"{arm} seed {seed} (largest component)")
+    with open(path) as f:
+        res = json.load(f)
+    print(f"[rescored] {arm} seed {seed}: Dice {res[f'{TASK}/Dice']:.4f} with the largest component", flush=True)
+    return res
+
+
 def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
     """``{arm[ (student)| (teacher)]: {metric: [mean, std, n]}}`` over seeds: the reported model, then the other."""
     models = {label: (lambda m, sfx=sfx: f"{TASK}{sfx}/{m}")
@@ -103,14 +127,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    p.add_argument("--largest-component", action="store_true",
+                   help="re-score finished runs, each structure's largest 3D component only (<out>/largest_component)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
     args = p.parse_args(argv)
     # seed-major order: every arm of the first seed finishes before the second seed starts
     jobs = [(a, s) for s in args.seeds for a in args.arms if s == args.seeds[0] or a not in args.single_seed_arms]
     print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
-    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, args), args.jobs)
+    one = rescore_largest_component if args.largest_component else run_one
+    results, failures = run_jobs(jobs, lambda a, s: one(a, s, args), args.jobs)
     table = summarize(results)
-    write_results(args.out, args.seeds, table, results, failures, markdown(table, args.seeds))
+    out = os.path.join(args.out, "largest_component") if args.largest_component else args.out
+    write_results(out, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0
 
 

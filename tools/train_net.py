@@ -15,18 +15,21 @@ are registered in ``setup`` (in every process), before the Trainer is built, e.g
         DATASETS.TEST '("cells_test",)' DATASETS.TRAIN_UNLABELED '("cells_unl",)' DATASETS.SPLIT_FILE '""' \
         MODEL.ROI_HEADS.NUM_CLASSES 1
 
-``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``). On POSIX, a
-running training takes one more CPU thread on ``SIGUSR1`` (``kill -USR1 PID``; ``tools/quickstart.py`` sends it
-when a core frees up).
+``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``). ``--eval-only``
+also writes the flattened results (``task/metric``) to ``OUTPUT_DIR/eval_results.json``. On POSIX, a running
+training takes one more CPU thread on ``SIGUSR1`` (``kill -USR1 PID``; ``tools/quickstart.py`` sends it when a core
+frees up) and gives one back on ``SIGUSR2``.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
+from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -35,6 +38,7 @@ from mmt_psm.config import add_mmt_psm_config
 from mmt_psm.data.user_datasets import register_datasets_from_config
 from mmt_psm.engine import Trainer
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
+from mmt_psm.utils.atomic import write_json
 from mmt_psm.utils.threads import install_thread_signal
 
 
@@ -62,7 +66,7 @@ def setup(args) -> CfgNode:
 
 
 def main(args):
-    install_thread_signal()  # SIGUSR1: one more CPU thread (tools/quickstart.py, when a core frees up)
+    install_thread_signal()  # SIGUSR1 / SIGUSR2: one more / one fewer CPU thread (tools/quickstart.py)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -72,6 +76,8 @@ def main(args):
             res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
+            # the flattened "task/metric" values (as metrics.json holds them after training), for scripts
+            write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), flatten_results_dict(res))
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
