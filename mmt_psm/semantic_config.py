@@ -58,6 +58,10 @@ def add_semantic_config(cfg: CN) -> None:
     # BatchNorm statistics of the student: "joint" = labeled + unlabeled images in one forward (SSL4MIS, the
     # paper); "labeled" = two forwards, the running statistics used at test time come from labeled images only
     cfg.MODEL.LCC.BN_STATS = "joint"
+    # normaliser of the two unsupervised terms: "kept" = mean over the kept (low-confidence) pixels, as described
+    # (with ~1-5 % of the pixels kept, each weighs 20-100x what it weighs in Mean Teacher's all-pixel mean);
+    # "all" = their sum over every pixel of the image, so a kept pixel weighs what it does in Mean Teacher
+    cfg.MODEL.LCC.LOSS_NORM = "kept"
     # teacher input noise (SSL4MIS): clamp(TEACHER_NOISE * N(0, 1), -NOISE_CLIP, NOISE_CLIP) in [0, 1] intensity units
     cfg.MODEL.LCC.TEACHER_NOISE = 0.1
     cfg.MODEL.LCC.NOISE_CLIP = 0.2

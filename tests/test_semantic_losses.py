@@ -62,6 +62,8 @@ def test_low_confidence_mask_and_masked_mse_by_hand():
     assert masked_softmax_mse(student, probs, low).item() == pytest.approx(0.04)
     every = torch.ones_like(low)
     assert masked_softmax_mse(student, probs, every).item() == pytest.approx(((student - probs) ** 2).mean().item())
+    # LOSS_NORM "all": the kept pixel's 0.04 divided over both pixels, as Mean Teacher's all-pixel mean weighs it
+    assert masked_softmax_mse(student, probs, low, over=every).item() == pytest.approx(0.02)
 
 
 def test_prototype_update_by_hand():
@@ -91,6 +93,12 @@ def test_class_separation_loss_by_hand():
     # a pixel whose pseudo-class has no prototype yet is left out: loss 0
     init = torch.tensor([False, True])
     assert class_separation_loss(feats, pseudo, mask, protos, t, init).item() == 0.0
+    # over a 4-pixel image in which only this pixel is kept: the same sum divided by 4
+    feats4 = torch.cat([feats, torch.zeros(1, 2, 1, 3)], dim=3)
+    pseudo4, mask4 = torch.zeros(1, 1, 4, dtype=torch.long), torch.tensor([[[True, False, False, False]]])
+    assert class_separation_loss(feats4, pseudo4, mask4, protos, t).item() == pytest.approx(expected, rel=1e-5)
+    out = class_separation_loss(feats4, pseudo4, mask4, protos, t, over=torch.ones_like(mask4))
+    assert out.item() == pytest.approx(expected / 4, rel=1e-5)
 
 
 def test_valid_mask_marks_padding():

@@ -216,3 +216,41 @@ def test_lcc_bn_stats_labeled_keeps_running_statistics_of_labeled_images(acdc_ro
     cfg.merge_from_list(["MODEL.LCC.BN_STATS", "labeled"])
     trainer = _train(cfg)
     assert all(math.isfinite(v) for v in _history(trainer, "loss_consistency"))
+
+
+def test_lcc_loss_norm_all_weighs_kept_pixels_as_mean_teacher_does(acdc_root, tmp_path, monkeypatch):
+    """LOSS_NORM "all": the same batch, weights and teacher noise give the "kept" consistency times the kept
+    fraction (the kept pixels' sum over every image pixel); the separation term shrinks likewise."""
+    import copy
+
+    from detectron2.utils.events import EventStorage
+
+    import mmt_psm.modeling.semantic.lcc_mean_teacher as lcc
+
+    def left_half(probs, tau):  # an untrained teacher is unsure everywhere: keep the left half only
+        low, pseudo = lcc.low_confidence_mask.__wrapped_original__(probs, tau)
+        low[..., low.shape[-1] // 2:] = False
+        return low, pseudo
+
+    left_half.__wrapped_original__ = lcc.low_confidence_mask
+    monkeypatch.setattr(lcc, "low_confidence_mask", left_half)
+    cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
+    cfg.merge_from_list(["MODEL.UNET.DROPOUT", (0.0, 0.0, 0.0)])
+    kept_model = Trainer.build_model(cfg)
+    assert kept_model.loss_norm == "kept"
+    all_model = copy.deepcopy(kept_model)
+    all_model.loss_norm = "all"
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    out = {}
+    for name, model in (("kept", kept_model), ("all", all_model)):
+        with EventStorage(start_iter=5) as storage:  # after the ramp: weight 1
+            torch.manual_seed(0)  # the teacher's input noise
+            out[name] = model.train()(batch)
+            frac = storage.latest()["lcc/low_conf_fraction"][0]
+    assert 0.3 < frac < 0.6  # about the left half of the (unpadded) pixels
+    assert out["all"]["loss_consistency"].item() == pytest.approx(out["kept"]["loss_consistency"].item() * frac,
+                                                                   rel=1e-4)
+    assert 0.0 < out["all"]["loss_separation"].item() < out["kept"]["loss_separation"].item()
+    cfg.merge_from_list(["MODEL.LCC.LOSS_NORM", "pixels"])
+    with pytest.raises(ValueError, match="LOSS_NORM must be 'kept' or 'all'"):
+        Trainer.build_model(cfg)

@@ -14,7 +14,8 @@ slices only, ``MODEL.LCC.BN_STATS labeled``) run when named in --arms. A finishe
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
 (``--resume``). Writes <out>/results.json and <out>/results.md (per structure Dice and HD95, mean +- std over
 seeds, of the reported model and, for teacher-student arms, of the other one). lcc_no_separation_bn and
-mean_teacher_bn_w1 (consistency weight 1) add the BatchNorm switch to lcc_no_separation and mean_teacher.
+mean_teacher_bn_w1 (consistency weight 1) add the BatchNorm switch to lcc_no_separation and mean_teacher;
+lcc_plus_bn_all divides lcc_plus_bn's two terms by every pixel instead of the kept ones (``MODEL.LCC.LOSS_NORM``).
 
 ``--largest-component`` trains nothing: it re-scores finished runs' final models keeping only each structure's
 largest 3D connected component (``TEST.VOLUME_LARGEST_COMPONENT``) into <out>/largest_component/results.md.
@@ -61,10 +62,12 @@ ARMS = {
     "mean_teacher_bn_w1": (
         "mean_teacher.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled", "SEMI.UNSUP_WEIGHT": "1.0"}
     ),
+    # lcc_plus_bn with its two terms summed over every pixel (a kept pixel weighs what it weighs in Mean Teacher)
+    "lcc_plus_bn_all": ("lcc_plus.yaml", {**UNLABELED, "MODEL.LCC.BN_STATS": "labeled", "MODEL.LCC.LOSS_NORM": "all"}),
 }
 ABLATIONS = (
     "lcc_no_separation", "lcc_proj", "lcc_late", "mean_teacher_bn", "lcc_plus_bn", "lcc_no_separation_bn",
-    "mean_teacher_bn_w1",
+    "mean_teacher_bn_w1", "lcc_plus_bn_all",
 )
 METRICS = ["Dice-RV", "Dice-Myo", "Dice-LV", "Dice", "HD95-RV", "HD95-Myo", "HD95-LV", "HD95"]
 TASK = "sem_seg_volume"

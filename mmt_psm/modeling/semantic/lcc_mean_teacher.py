@@ -49,7 +49,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         self, *, student: nn.Module, num_classes: int, burn_in: int, ramp_up: int, ramp_down: int, max_iter: int,
         unsup_weight_base: float, tau: float, low_conf_only: bool, separation: bool, separation_weight: float,
         temperature: float, proto_momentum: float, noise_std: float, noise_clip: float, eval_with: str = "teacher",
-        projection_dim: int = 0, separation_start: int = 0, bn_stats: str = "joint",
+        projection_dim: int = 0, separation_start: int = 0, bn_stats: str = "joint", loss_norm: str = "kept",
     ):
         super().__init__()
         self.student = student
@@ -65,6 +65,9 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         if bn_stats not in ("joint", "labeled"):
             raise ValueError(f"MODEL.LCC.BN_STATS must be 'joint' or 'labeled', got {bn_stats!r}")
         self.bn_stats = bn_stats
+        if loss_norm not in ("kept", "all"):
+            raise ValueError(f"MODEL.LCC.LOSS_NORM must be 'kept' or 'all', got {loss_norm!r}")
+        self.loss_norm = loss_norm
         # training-only projection for the separation space (a sibling of student/teacher, so export is unchanged)
         self.projector = None  # built only when the separation term would use it
         if separation and projection_dim > 0:
@@ -86,7 +89,7 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
             "separation_weight": m.SEPARATION_WEIGHT, "temperature": m.TEMPERATURE,
             "proto_momentum": m.PROTO_MOMENTUM, "noise_std": m.TEACHER_NOISE, "noise_clip": m.NOISE_CLIP,
             "projection_dim": m.PROJECTION_DIM, "separation_start": m.SEPARATION_START_ITER,
-            "bn_stats": m.BN_STATS,
+            "bn_stats": m.BN_STATS, "loss_norm": m.LOSS_NORM,
         }
 
     @property
@@ -136,11 +139,12 @@ class LCCMeanTeacherSegmentor(TeacherStudentMixin, nn.Module):
         low, pseudo = low_confidence_mask(t_probs, self.tau)
         kept = (low if self.low_conf_only else torch.ones_like(low)) & inside
         frac = kept.sum().float() / inside.sum().clamp(min=1).float()
-        cons = masked_softmax_mse(logits_u.softmax(dim=1), t_probs, kept)
+        over = inside if self.loss_norm == "all" else None  # "all": a kept pixel weighs what it does in MT
+        cons = masked_softmax_mse(logits_u.softmax(dim=1), t_probs, kept, over)
         sep = (logits_u.sum() + feats_u.sum()) * 0.0  # graph-connected zero (projector included)
         if self.separation and separate:
             sep = class_separation_loss(feats_u, pseudo, kept, self.prototypes, self.temperature,
-                                        self.prototypes_initialized)
+                                        self.prototypes_initialized, over)
         return cons, sep, frac
 
     @torch.no_grad()

@@ -24,10 +24,13 @@ def valid_mask(image_sizes: Sequence[Tuple[int, int]], shape: Tuple[int, int], d
     return mask
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` (N, H, W) over ``mask``; ``values.sum() * 0`` when the mask is empty."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, over: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of ``values`` (N, H, W) over ``mask``; ``values.sum() * 0`` when the mask is empty. With ``over``
+    (a mask containing ``mask``) the sum over ``mask`` is divided by the pixel count of ``over`` instead, so each
+    masked pixel weighs what it would in a mean over ``over``."""
     m = mask.to(values.dtype)  # no host sync: an empty mask gives 0 / 1
-    return (values * m).sum() / m.sum().clamp(min=1.0)
+    count = m.sum() if over is None else over.to(values.dtype).sum()
+    return (values * m).sum() / count.clamp(min=1.0)
 
 
 def kl_map(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -48,10 +51,12 @@ def low_confidence_mask(teacher_probs: torch.Tensor, tau: float) -> Tuple[torch.
     return conf < tau, pseudo
 
 
-def masked_softmax_mse(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum((p_s - p_t)^2 * mask) / (sum(mask) * C)``: with an all-true mask SSL4MIS's ``mean((p_s - p_t)^2)``."""
+def masked_softmax_mse(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor,
+                       over: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum((p_s - p_t)^2 * mask) / (sum(mask) * C)``: with an all-true mask SSL4MIS's ``mean((p_s - p_t)^2)``.
+    ``over``: divide by ``sum(over) * C`` instead (see :func:`masked_mean`)."""
     sq = ((student_probs - teacher_probs.detach()) ** 2).mean(dim=1)
-    return masked_mean(sq, mask)
+    return masked_mean(sq, mask, over)
 
 
 def class_feature_means(
@@ -80,16 +85,17 @@ def update_prototypes(
 
 def class_separation_loss(
     features: torch.Tensor, pseudo: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor,
-    temperature: float, initialized: Optional[torch.Tensor] = None,
+    temperature: float, initialized: Optional[torch.Tensor] = None, over: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean over masked pixels of ``CE(cos(f, P) / T, pseudo)``: features pulled toward their pseudo-class
-    prototype and away from the others. Pixels whose pseudo-class has no prototype yet are left out."""
+    prototype and away from the others. Pixels whose pseudo-class has no prototype yet are left out. ``over``:
+    the sum divided by that mask's pixel count instead (see :func:`masked_mean`)."""
     if initialized is not None:
         mask = mask & initialized[pseudo]
     f = F.normalize(features.permute(0, 2, 3, 1), dim=-1)  # (N, H, W, D)
     logits = f @ F.normalize(prototypes.to(f.dtype), dim=-1).t() / temperature  # (N, H, W, K)
     ce = F.cross_entropy(logits.permute(0, 3, 1, 2), pseudo.long(), reduction="none")
-    return masked_mean(ce, mask)
+    return masked_mean(ce, mask, over)
 
 
 def split_by_flag(batched_inputs: List[dict]) -> Tuple[List[dict], List[dict]]:
