@@ -65,6 +65,10 @@ def test_a_checkpoint_from_another_iteration_is_refused(supervised_run):
     with pytest.raises(ValueError, match=r"model_0000001\.pth was written after iteration 1, but "
                                          r"SEMI\.BURN_IN_ITERS=3 needs the checkpoint after iteration 2"):
         Trainer(_mmt_cfg(root, ckpt, burn_in=3)).resume_or_load(resume=False)
+    weights_only = str(root / "weights_only.pth")
+    torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, weights_only)
+    with pytest.raises(ValueError, match=r"weights_only\.pth holds no training iteration"):
+        Trainer(_mmt_cfg(root, weights_only)).resume_or_load(resume=False)
 
 
 def test_missing_checkpoint_and_a_model_without_teacher_are_named(supervised_run):

@@ -191,6 +191,10 @@ class Trainer(DefaultTrainer):
                                     f"supervised run after iteration {burn_in - 1}, e.g. model_{burn_in - 1:07d}.pth)")
         rest = self.checkpointer.load(path, checkpointables=[])
         done = rest.get("iteration", rest.get("trainer", {}).get("iteration"))
+        if done is None:
+            raise ValueError(f"SEMI.BURN_IN_CHECKPOINT={path} holds no training iteration (weights only?): use the "
+                             f"checkpoint the supervised run wrote after iteration {burn_in - 1}, or MODEL.WEIGHTS "
+                             "with the burn-in trained")
         if done != burn_in - 1:
             raise ValueError(f"SEMI.BURN_IN_CHECKPOINT={path} was written after iteration {done}, but "
                              f"SEMI.BURN_IN_ITERS={burn_in} needs the checkpoint after iteration {burn_in - 1}")
