@@ -162,8 +162,14 @@ def test_a_job_waiting_for_a_file_nobody_writes_is_an_error(tmp_path):
     assert not os.path.exists(logs["second"])  # never started
 
 
-def test_burn_in_checkpoint_name_follows_the_mmt_psm_config():
-    assert TOOL["burn_in_iters"](TOOL["MMT_CONFIG"]) == 100  # configs/quickstart/mmt_psm.yaml: model_0000099.pth
+def test_load_cfg_reads_the_file_with_its_bases(tmp_path):
+    """The quickstart names MMT-PSM's burn-in checkpoint from SEMI.BURN_IN_ITERS as load_cfg reads it."""
+    child = tmp_path / "child.yaml"
+    child.write_text(f"_BASE_: {os.path.join(REPO, TOOL['MMT_CONFIG'])}\nSEMI:\n  BURN_IN_ITERS: 37\n")
+    cfg = TOOL["load_cfg"](str(child))
+    assert cfg.SEMI.BURN_IN_ITERS == 37  # the file's own value ...
+    assert cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN" and cfg.MODEL.RESNETS.DEPTH == 18  # ... over its bases'
+    assert TOOL["load_cfg"](TOOL["MMT_CONFIG"]).SEMI.BURN_IN_ITERS == 100  # relative to the repository
 
 
 def test_hand_over_core_leaves_a_run_that_is_still_starting_alone(tmp_path):

@@ -227,12 +227,13 @@ def test_lcc_loss_norm_all_weighs_kept_pixels_as_mean_teacher_does(acdc_root, tm
 
     import mmt_psm.modeling.semantic.lcc_mean_teacher as lcc
 
+    original = lcc.low_confidence_mask
+
     def left_half(probs, tau):  # an untrained teacher is unsure everywhere: keep the left half only
-        low, pseudo = lcc.low_confidence_mask.__wrapped_original__(probs, tau)
+        low, pseudo = original(probs, tau)
         low[..., low.shape[-1] // 2:] = False
         return low, pseudo
 
-    left_half.__wrapped_original__ = lcc.low_confidence_mask
     monkeypatch.setattr(lcc, "low_confidence_mask", left_half)
     cfg = tiny_semantic_cfg(str(tmp_path), "LCCMeanTeacherSegmentor")
     cfg.merge_from_list(["MODEL.UNET.DROPOUT", (0.0, 0.0, 0.0)])

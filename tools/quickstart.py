@@ -28,8 +28,8 @@ from mmt_psm.utils.threads import GIVE_BACK_SIGNAL, THREAD_SIGNAL, usable_cpus  
 SUP_CONFIG, MMT_CONFIG = "configs/quickstart/supervised.yaml", "configs/quickstart/mmt_psm.yaml"
 
 
-def burn_in_iters(config_file: str) -> int:
-    """``SEMI.BURN_IN_ITERS`` of a config file (with its bases)."""
+def load_cfg(config_file: str):
+    """A config file (relative to the repository or absolute, with its bases) on Detectron2's + this project's keys."""
     from detectron2.config import get_cfg
 
     from mmt_psm.config import add_mmt_psm_config
@@ -37,7 +37,7 @@ def burn_in_iters(config_file: str) -> int:
     cfg = get_cfg()
     add_mmt_psm_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, config_file))
-    return int(cfg.SEMI.BURN_IN_ITERS)
+    return cfg
 
 
 def run(cmd: List[str]) -> None:
@@ -55,19 +55,15 @@ def last_iteration(log: str) -> str:
     return lines[-1].split(" iter: ")[1].split()[0] if lines else "starting"
 
 
-def _training(procs: Dict[str, subprocess.Popen], logs: Dict[str, str]) -> List[str]:
-    """The runs still going whose log shows an ``iter:`` line: their thread-signal handlers are installed."""
-    return [n for n, p in procs.items() if p.poll() is None and last_iteration(logs[n]) != "starting"]
-
-
 def hand_over_core(procs: Dict[str, subprocess.Popen], logs: Dict[str, str], sig: Optional[int] = THREAD_SIGNAL
                    ) -> List[str]:
-    """Signals every run that is already training to take one more torch thread (``sig`` = SIGUSR1; SIGUSR2:
-    give one back; ``mmt_psm.utils.threads``, handled by ``tools/train_net.py``); returns their names. A run
-    still starting is left alone: before its handler is installed the signal's default action would end it."""
+    """Signals every run that is already training (its log shows an ``iter:`` line) to take one more torch thread
+    (``sig`` = SIGUSR1; SIGUSR2: give one back; ``mmt_psm.utils.threads``, handled by ``tools/train_net.py``);
+    returns their names. A run still starting is left alone: before its handler is installed the signal's default
+    action would end it."""
     if sig is None:
         return []
-    told = _training(procs, logs)
+    told = [n for n, p in procs.items() if p.poll() is None and last_iteration(logs[n]) != "starting"]
     for name in told:
         procs[name].send_signal(sig)
     return told
@@ -75,15 +71,16 @@ def hand_over_core(procs: Dict[str, subprocess.Popen], logs: Dict[str, str], sig
 
 def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float = 30.0,
                  after: Optional[Dict[str, str]] = None) -> None:
-    """Runs the trainings side by side on the usable CPUs, one torch thread each (two per run would
-    oversubscribe 2 cores); when one finishes, the runs still training take its core (one more thread each).
+    """Runs the trainings side by side, the usable CPUs shared between those started (on 2 cores: one torch
+    thread each, as two per run would oversubscribe them); when one finishes, the runs still training take its
+    core (one more thread each).
 
     ``after[name]`` is a file another job writes (atomically; e.g. its checkpoint): that job starts once the
     file exists. Until then the jobs already running share its core (CPUs // running jobs threads each), and
     when it starts they give one thread back. Each job writes its console to ``logs[name]``; progress every
     ``poll_s`` seconds. A failure stops the others and raises, naming the failed run's log."""
     after = dict(after or {})
-    waiting = {n: cmd for n, cmd in jobs.items() if n in after}
+    waiting = [n for n in jobs if n in after]
     first = [n for n in jobs if n not in after]
     share = max(1, usable_cpus() // max(1, len(first))) if THREAD_SIGNAL is not None else 1
     procs: Dict[str, subprocess.Popen] = {}
@@ -101,9 +98,10 @@ def run_parallel(jobs: Dict[str, List[str]], logs: Dict[str, str], poll_s: float
     while procs or waiting:
         time.sleep(min(poll_s, 1.0))
         for name in [n for n in waiting if os.path.exists(after[n])]:
-            del waiting[name]
-            for other in hand_over_core(procs, logs, GIVE_BACK_SIGNAL) if share > 1 else []:
-                print(f"[{time.time() - start:.0f} s] {other} gives a core to {name}", flush=True)
+            waiting.remove(name)
+            if share > 1:  # the running jobs had its core
+                for other in hand_over_core(procs, logs, GIVE_BACK_SIGNAL):
+                    print(f"[{time.time() - start:.0f} s] {other} gives a core to {name}", flush=True)
             launch(name, 1)
         for name, proc in list(procs.items()):
             if proc.poll() is None:
@@ -196,7 +194,7 @@ def main(argv=None) -> int:
     start = time.time()
     run([py, "datasets/prepare_synthetic.py"])
     sup_dir, mmt_dir = os.path.join(args.output, "supervised"), os.path.join(args.output, "mmt_psm")
-    burn_in = burn_in_iters(MMT_CONFIG)
+    burn_in = load_cfg(MMT_CONFIG).SEMI.BURN_IN_ITERS
     shared = os.path.join(sup_dir, f"model_{burn_in - 1:07d}.pth")  # the supervised run after burn_in iterations
     if os.path.exists(shared):
         os.remove(shared)  # a previous quickstart's: MMT-PSM must wait for this run's
@@ -210,17 +208,13 @@ def main(argv=None) -> int:
         after={"mmt_psm": shared})
 
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
 
-    from mmt_psm.config import add_mmt_psm_config
     from mmt_psm.engine import Trainer
     from mmt_psm.utils.visualize import draw_dataset_predictions
 
     pngs = []
     for run_dir in (sup_dir, mmt_dir):
-        cfg = get_cfg()
-        add_mmt_psm_config(cfg)
-        cfg.merge_from_file(os.path.join(run_dir, "config.yaml"))
+        cfg = load_cfg(os.path.join(run_dir, "config.yaml"))
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
         pngs += draw_dataset_predictions(cfg, model, "synthetic_test", os.path.join(run_dir, "predictions"), 4)
