@@ -47,3 +47,30 @@ def test_largest_component_rescoring_collects_finished_runs_only(tmp_path):
     assert res["failures"] == [f"supervised_p3 seed 1 has no final results in {out}/supervised_p3_seed1: "
                                "train it first"]
     assert not (out / "results.md").exists()  # the protocol's own table is left alone
+
+
+def test_largest_component_rescoring_evaluates_the_final_model_with_the_switch(tmp_path, monkeypatch):
+    """A finished run without a re-scored evaluation gets one: train_net --eval-only of its config and final
+    weights, TEST.VOLUME_LARGEST_COMPONENT True, into <run>/largest_component; a second call reuses it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = protocol_run_dir(out, [{"iteration": 1199, "sem_seg_volume/Dice": 0.79}], max_iter=1200)
+    os.rename(run, out / "mixed_seed2")
+    run_dir = str(out / "mixed_seed2")
+    calls = []
+
+    def fake_train(root, config, opts, log_dir, threads, what):
+        calls.append((config, list(opts), log_dir))
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "eval_results.json"), "w") as f:
+            json.dump({"sem_seg_volume/Dice": 0.8}, f)
+
+    fn = TOOL["rescore_largest_component"]
+    monkeypatch.setitem(fn.__globals__, "train", fake_train)
+    args = type("Args", (), {"out": str(out), "threads": 1})()
+    assert fn("mixed", 2, args)["sem_seg_volume/Dice"] == 0.8
+    lc = os.path.join(run_dir, "largest_component")
+    assert calls == [(os.path.join(run_dir, "config.yaml"),
+                      ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", lc,
+                       "TEST.VOLUME_LARGEST_COMPONENT", "True"], lc)]
+    assert fn("mixed", 2, args)["sem_seg_volume/Dice"] == 0.8 and len(calls) == 1  # done once
