@@ -1,8 +1,10 @@
 """tools/isbi_protocol.py: every arm's overrides make a valid config of one shared protocol; a run counts only
 when its LAST iteration was evaluated; mean +- std over seeds of teacher and student."""
+import argparse
 import json
 import os
 import runpy
+import threading
 
 import pytest
 from common import REPO, protocol_run_dir
@@ -78,3 +80,75 @@ def test_missing_split_file_is_an_error_naming_the_command(capsys):
     with pytest.raises(SystemExit):
         TOOL["main"](["--seeds", "987", "--report-only"])
     assert "make_splits.py --dataset isbi2015_train --count 2 --seed 987" in capsys.readouterr().err
+
+
+def _fake_runs(monkeypatch, started):
+    """Replace training by a fake: supervised_n2 writes its burn-in checkpoint (after a pause, so a waiting
+    teacher-student run must wait), every run records its overrides and whether that checkpoint existed."""
+    import time
+
+    g = TOOL["run_one"].__globals__
+    monkeypatch.setitem(g, "POLL_S", 0.01)
+
+    def fake_run_arm(root, arm, seed, run_dir, config, overrides, args, final, describe):
+        ckpt = os.path.join(args.out, f"supervised_n2_seed{seed}", "model_0000049.pth")
+        if arm == "supervised_n2":
+            time.sleep(0.3)
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            open(ckpt, "w").close()
+        started.append((arm, seed, dict(overrides), os.path.isfile(ckpt)))
+        return {"segm/AP": 1.0}
+
+    monkeypatch.setitem(g, "run_arm", fake_run_arm)
+
+
+def test_share_burn_in_starts_teacher_student_arms_from_supervised_n2s_checkpoint(tmp_path, monkeypatch):
+    started = []
+    _fake_runs(monkeypatch, started)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    out = tmp_path / "out"
+    # mmt_psm named first and two workers: it must still wait for supervised_n2's checkpoint
+    rc = TOOL["main"](["--arms", "mmt_psm", "supervised_n6", "supervised_n2", "--seeds", "1", "--jobs", "2",
+                       "--share-burn-in", "--weights", str(weights), "--out", str(out)])
+    assert rc == 0
+    by_arm = {arm: (ov, had) for arm, _, ov, had in started}
+    ckpt = str(out / "supervised_n2_seed1" / "model_0000049.pth")
+    overrides, checkpoint_existed = by_arm["mmt_psm"]
+    assert overrides["SEMI.BURN_IN_CHECKPOINT"] == ckpt and checkpoint_existed
+    for arm in ("supervised_n2", "supervised_n6"):  # the supervised arms train their own first iterations
+        assert "SEMI.BURN_IN_CHECKPOINT" not in by_arm[arm][0]
+    assert TOOL["order_jobs"](["mmt_psm", "supervised_n2"], [1, 2], True) == [
+        ("supervised_n2", 1), ("mmt_psm", 1), ("supervised_n2", 2), ("mmt_psm", 2)]
+    assert TOOL["order_jobs"](["mmt_psm", "supervised_n2"], [1], False) == [("mmt_psm", 1), ("supervised_n2", 1)]
+
+
+def test_without_share_burn_in_every_arm_trains_its_own_burn_in(tmp_path, monkeypatch):
+    started = []
+    _fake_runs(monkeypatch, started)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--weights", str(weights), "--out", str(tmp_path / "o")])
+    assert [(a, "SEMI.BURN_IN_CHECKPOINT" in ov) for a, _, ov, _ in started] == [("mmt_psm", False)]
+
+
+def test_share_burn_in_errors(tmp_path, monkeypatch):
+    started = []
+    _fake_runs(monkeypatch, started)
+    # supervised_n2 ends without writing the checkpoint: the waiting run fails with the file's name
+    g = TOOL["run_one"].__globals__
+    monkeypatch.setitem(g, "run_arm", lambda root, arm, *a, **k: {"segm/AP": 1.0})
+    ended = {1: threading.Event()}
+    ended[1].set()
+    args = argparse.Namespace(share_burn_in=True, out=str(tmp_path), opts=[], report_only=False)
+    with pytest.raises(RuntimeError, match=r"mmt_psm seed 1: .*supervised_n2_seed1/model_0000049.pth was not"):
+        TOOL["run_one"]("mmt_psm", 1, "w", args, ended)
+    # no periodic checkpoint after iteration BURN_IN_ITERS - 1
+    with pytest.raises(ValueError, match="BURN_IN_ITERS 60 must be a positive multiple of SOLVER.CHECKPOINT_PERIOD 50"):
+        TOOL["burn_in_checkpoint"](str(tmp_path), 1, ["SEMI.BURN_IN_ITERS", "60"])
+    path = TOOL["burn_in_checkpoint"]("o", 2, ["SEMI.BURN_IN_ITERS", "100"])
+    assert path == "o/supervised_n2_seed2/model_0000099.pth"
+    # neither supervised_n2 among the arms nor its checkpoint: refused before anything trains
+    with pytest.raises(SystemExit):
+        TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--share-burn-in", "--out", str(tmp_path / "x")])
+    assert started == []

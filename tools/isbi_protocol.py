@@ -26,6 +26,11 @@ and student box-head dropout; they differ only in what the protocol compares:
   2026-11-24, then called ``mmt_psm_plus``), ``mmt_psm_plus_mgd02`` (plus with the feature loss at weight 0.2),
   ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus`` (plus without the cap, above).
 
+With ``--share-burn-in`` the teacher-student arms do not train their own burn-in: they start at iteration
+``SEMI.BURN_IN_ITERS`` from supervised_n2's checkpoint after iteration ``BURN_IN_ITERS - 1`` of the same seed
+(``SEMI.BURN_IN_CHECKPOINT``), i.e. from literally the same model, and wait for that file while supervised_n2
+trains. Their runs differ from runs without the flag: give them their own ``--out``.
+
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
 continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
 (all, per class) and cell AJI / F1 / Dice per class, mean +- std over seeds, of the teacher and the student.
@@ -35,7 +40,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmt_psm.utils.protocol import final_metrics, run_arm, run_jobs, train, write_results  # noqa: E402
@@ -86,6 +93,7 @@ ARMS: Dict[str, Dict[str, str]] = {
     # the teacher's mask-head inputs, its largest plus-only cost
     "mmt_psm_plus_cap16": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS_CONFIG},
 }
+POLL_S = 10.0  # how often a teacher-student run waiting for the shared burn-in looks for it
 DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus_cap16", "supervised_n6"]
 METRICS = ["segm/AP", "segm/AP-cytoplasm", "segm/AP-nucleus", "cell/AJI-cytoplasm", "cell/AJI-nucleus",
            "cell/F1-cytoplasm", "cell/F1-nucleus", "cell/Dice-cytoplasm", "cell/Dice-nucleus"]
@@ -116,9 +124,67 @@ def _describe(res: Dict[str, float]) -> str:
     return f"segm AP {res.get('segm/AP', nan):.1f}, AP-cytoplasm {res.get('segm/AP-cytoplasm', nan):.1f}"
 
 
-def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace) -> Dict[str, float]:
-    """Train + evaluate one arm/seed unless already finished; returns its final metrics."""
+def is_teacher_student(arm: str) -> bool:
+    """Whether the arm trains on the unlabeled stream (its burn-in is supervised_n2's first iterations)."""
+    return ARMS[arm]["DATASETS.TRAIN_UNLABELED"] != SUPERVISED["DATASETS.TRAIN_UNLABELED"]
+
+
+def burn_in_checkpoint(out: str, seed: int, opts: List[str]) -> str:
+    """supervised_n2's checkpoint after iteration ``SEMI.BURN_IN_ITERS - 1`` (the protocol config + ``opts``);
+    a ValueError when no periodic checkpoint falls on that iteration."""
+    from detectron2.config import get_cfg
+
+    from mmt_psm.config import add_mmt_psm_config
+
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.merge_from_file(BASE)
+    cfg.merge_from_list(list(opts))
+    burn_in, period = cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD
+    if burn_in <= 0 or burn_in % period:
+        raise ValueError(f"--share-burn-in needs a checkpoint after iteration SEMI.BURN_IN_ITERS - 1: "
+                         f"BURN_IN_ITERS {burn_in} must be a positive multiple of SOLVER.CHECKPOINT_PERIOD {period}")
+    return os.path.join(out, f"supervised_n2_seed{seed}", f"model_{burn_in - 1:07d}.pth")
+
+
+def wait_for(path: str, gave_up: threading.Event, what: str) -> None:
+    """Block until ``path`` exists; a RuntimeError naming ``what`` once ``gave_up`` is set without it."""
+    while not os.path.isfile(path):
+        if gave_up.is_set():
+            raise RuntimeError(f"{what}: {path} was not written (see that run's stdout.txt)")
+        time.sleep(POLL_S)
+
+
+def order_jobs(arms: List[str], seeds: List[int], share_burn_in: bool) -> List[Tuple[str, int]]:
+    """Seed-major (a whole seed before the next); with ``share_burn_in`` supervised_n2 first in every seed, so a
+    teacher-student run never waits on a run queued behind it."""
+    if share_burn_in:
+        arms = sorted(arms, key=lambda a: a != "supervised_n2")
+    return [(a, s) for s in seeds for a in arms]
+
+
+def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace,
+            sup_ended: Optional[Dict[int, threading.Event]] = None) -> Dict[str, float]:
+    """Train + evaluate one arm/seed unless already finished; returns its final metrics. With
+    ``args.share_burn_in`` a teacher-student arm starts from supervised_n2's burn-in checkpoint (waiting for it
+    until ``sup_ended[seed]``, set when that run ends); supervised_n2 sets its event when it ends."""
+    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
     overrides = {"MODEL.WEIGHTS": weights, **ARMS[arm]}
+    sup_ended = sup_ended if sup_ended is not None else {}
+    if args.share_burn_in and arm == "supervised_n2":
+        try:
+            return _run(arm, seed, overrides, args)
+        finally:
+            sup_ended.setdefault(seed, threading.Event()).set()
+    if args.share_burn_in and is_teacher_student(arm):
+        shared = burn_in_checkpoint(args.out, seed, args.opts)
+        overrides["SEMI.BURN_IN_CHECKPOINT"] = shared
+        if final_results(run_dir) is None and not args.report_only:
+            wait_for(shared, sup_ended.setdefault(seed, threading.Event()), f"{arm} seed {seed}")
+    return _run(arm, seed, overrides, args)
+
+
+def _run(arm: str, seed: int, overrides: Dict[str, str], args: argparse.Namespace) -> Dict[str, float]:
     return run_arm(ROOT, arm, seed, os.path.join(args.out, f"{arm}_seed{seed}"), BASE, overrides, args,
                    final_results, _describe)
 
@@ -144,16 +210,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    p.add_argument("--share-burn-in", action="store_true",
+                   help="teacher-student arms start from supervised_n2's burn-in checkpoint of the same seed")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
     args = p.parse_args(argv)
     for s in args.seeds:
         if not os.path.isfile(os.path.join(ROOT, SPLIT.format(s=s))):
             p.error(f"no split file {SPLIT.format(s=s)}: python tools/make_splits.py --dataset isbi2015_train "
                     f"--count 2 --seed {s} --out {SPLIT.format(s=s)}")
+    if args.share_burn_in:
+        try:
+            shared = {s: burn_in_checkpoint(args.out, s, args.opts) for s in args.seeds}
+        except ValueError as e:
+            p.error(str(e))
+        missing = [s for s in args.seeds if not os.path.isfile(shared[s])]
+        if missing and "supervised_n2" not in args.arms and not args.report_only:
+            p.error(f"--share-burn-in: no burn-in checkpoint of supervised_n2 for seed(s) {missing} "
+                    f"({shared[missing[0]]}); add supervised_n2 to --arms")
     weights = "" if args.report_only else ensure_pretrained(args)
-    jobs = [(a, s) for s in args.seeds for a in args.arms]  # seed-major: a whole seed before the next
+    jobs = order_jobs(args.arms, args.seeds, args.share_burn_in)
     print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
-    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, weights, args), args.jobs)
+    sup_ended = {s: threading.Event() for s in args.seeds}
+    if args.share_burn_in and "supervised_n2" not in args.arms:
+        for event in sup_ended.values():
+            event.set()  # its checkpoints exist (checked above); nothing will write them
+    results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, weights, args, sup_ended), args.jobs)
     table = summarize(results)
     write_results(args.out, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0
