@@ -89,3 +89,28 @@ def test_resume_prefers_the_runs_own_checkpoint(trained_mmt_psm):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 6  # after model_final (iteration 5), not BURN_IN_ITERS (2)
+
+
+def test_a_teacher_student_burn_in_is_the_supervised_runs_first_iterations_bit_for_bit(supervised_run):
+    """Same SEED, labeled stream and solver: building the teacher and the unlabeled stream draws random numbers,
+    yet the burn-in samples the same proposals and dropout masks (every RNG re-seeded when training starts)."""
+    from detectron2.utils.env import seed_all_rng
+
+    root = supervised_run[0]
+
+    def student_after_burn_in(name, unlabeled):
+        cfg = tiny_cfg(str(root / name), "burnin", "MMTPSMRCNN")
+        cfg.merge_from_list(["SOLVER.MAX_ITER", 3, "SEMI.BURN_IN_ITERS", 10, "MODEL.MMT_PSM.STUDENT_BOX_DROPOUT", 0.5])
+        if not unlabeled:
+            cfg.merge_from_list(["DATASETS.TRAIN_UNLABELED", (), "SEMI.IMS_PER_BATCH_UNLABELED", 0])
+        seed_all_rng(cfg.SEED)  # what default_setup does before the model is built
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        losses = [v for v, _ in trainer.storage.history("loss_cls").values()]
+        return losses, {k: v for k, v in trainer.model.state_dict().items() if k.startswith("student.")}
+
+    sup_losses, sup = student_after_burn_in("bit_sup", unlabeled=False)
+    ts_losses, ts = student_after_burn_in("bit_ts", unlabeled=True)
+    assert len(sup_losses) == 3 and sup_losses == ts_losses
+    assert sup.keys() == ts.keys() and all(torch.equal(sup[k], ts[k]) for k in sup)

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.layers import NaiveSyncBatchNorm
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -93,7 +95,12 @@ def _numpy_state_to_tensors(state: tuple) -> tuple:
 
 class TrainingStateHook(HookBase):
     """Checkpoints what Detectron2 does not: the data seed and the python/numpy/torch(/CUDA) RNG states,
-    so that ``--resume`` continues exactly like an uninterrupted run."""
+    so that ``--resume`` continues exactly like an uninterrupted run.
+
+    A run that does not resume re-seeds every RNG with ``SEED`` (+ rank) when training starts. Building a
+    teacher or a second data stream draws random numbers, so without this a teacher-student run would sample
+    other RPN / ROI proposals and dropout masks than a supervised run of the same seed from its first step,
+    and its burn-in would drift from the supervised run's first iterations (BENCHMARKS.md measures it)."""
 
     def state_dict(self) -> Dict[str, Any]:
         state = {
@@ -115,6 +122,9 @@ class TrainingStateHook(HookBase):
     def before_train(self) -> None:
         state = getattr(self, "_pending", None)
         if state is None:
+            seed = int(self.trainer.cfg.SEED)
+            if seed >= 0:  # SEED < 0: Detectron2 drew a random seed at set-up; there is nothing to align
+                seed_all_rng(seed + comm.get_rank())
             return
         random.setstate(state["python_rng"])
         kind, key, pos, has_gauss, gauss = state["numpy_rng"]
