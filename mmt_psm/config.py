@@ -5,6 +5,8 @@ Method defaults (MMT-PSM numbers from the authors' maskrcnn-benchmark code) live
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 from detectron2.config import CfgNode as CN
 
 from .semantic_config import add_semantic_config
@@ -135,3 +137,15 @@ def add_mmt_psm_config(cfg: CN) -> None:
     _C.TEST.CELL_SCORE_THRESH = 0.5
     # Also evaluate the model that is not reported (student or teacher, suffixed); False halves eval time.
     _C.SEMI.EVAL_BOTH = True
+
+
+def load_config(config_file: str, opts: Optional[Sequence[str]] = None) -> CN:
+    """Detectron2's defaults + this project's keys, ``config_file`` (with its bases) and ``KEY VALUE`` overrides
+    merged; not frozen."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    return cfg

@@ -132,14 +132,9 @@ def is_teacher_student(arm: str) -> bool:
 def burn_in_checkpoint(out: str, seed: int, opts: List[str]) -> str:
     """supervised_n2's checkpoint after iteration ``SEMI.BURN_IN_ITERS - 1`` (the protocol config + ``opts``);
     a ValueError when no periodic checkpoint falls on that iteration."""
-    from detectron2.config import get_cfg
+    from mmt_psm.config import load_config
 
-    from mmt_psm.config import add_mmt_psm_config
-
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(BASE)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(BASE, opts)
     burn_in, period = cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD
     if burn_in <= 0 or burn_in % period:
         raise ValueError(f"--share-burn-in needs a checkpoint after iteration SEMI.BURN_IN_ITERS - 1: "
@@ -164,29 +159,22 @@ def order_jobs(arms: List[str], seeds: List[int], share_burn_in: bool) -> List[T
 
 
 def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace,
-            sup_ended: Optional[Dict[int, threading.Event]] = None) -> Dict[str, float]:
+            sup_ended: Dict[int, threading.Event]) -> Dict[str, float]:
     """Train + evaluate one arm/seed unless already finished; returns its final metrics. With
-    ``args.share_burn_in`` a teacher-student arm starts from supervised_n2's burn-in checkpoint (waiting for it
-    until ``sup_ended[seed]``, set when that run ends); supervised_n2 sets its event when it ends."""
+    ``args.share_burn_in`` a teacher-student arm starts from supervised_n2's burn-in checkpoint, waiting for it
+    until ``sup_ended[seed]`` is set, which supervised_n2 does when it ends."""
     run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
     overrides = {"MODEL.WEIGHTS": weights, **ARMS[arm]}
-    sup_ended = sup_ended if sup_ended is not None else {}
-    if args.share_burn_in and arm == "supervised_n2":
-        try:
-            return _run(arm, seed, overrides, args)
-        finally:
-            sup_ended.setdefault(seed, threading.Event()).set()
     if args.share_burn_in and is_teacher_student(arm):
         shared = burn_in_checkpoint(args.out, seed, args.opts)
         overrides["SEMI.BURN_IN_CHECKPOINT"] = shared
         if final_results(run_dir) is None and not args.report_only:
-            wait_for(shared, sup_ended.setdefault(seed, threading.Event()), f"{arm} seed {seed}")
-    return _run(arm, seed, overrides, args)
-
-
-def _run(arm: str, seed: int, overrides: Dict[str, str], args: argparse.Namespace) -> Dict[str, float]:
-    return run_arm(ROOT, arm, seed, os.path.join(args.out, f"{arm}_seed{seed}"), BASE, overrides, args,
-                   final_results, _describe)
+            wait_for(shared, sup_ended[seed], f"{arm} seed {seed}")
+    try:
+        return run_arm(ROOT, arm, seed, run_dir, BASE, overrides, args, final_results, _describe)
+    finally:
+        if arm == "supervised_n2":
+            sup_ended[seed].set()
 
 
 def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:

@@ -30,14 +30,9 @@ SUP_CONFIG, MMT_CONFIG = "configs/quickstart/supervised.yaml", "configs/quicksta
 
 def load_cfg(config_file: str):
     """A config file (relative to the repository or absolute, with its bases) on Detectron2's + this project's keys."""
-    from detectron2.config import get_cfg
+    from mmt_psm.config import load_config
 
-    from mmt_psm.config import add_mmt_psm_config
-
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, config_file))
-    return cfg
+    return load_config(os.path.join(REPO, config_file))
 
 
 def run(cmd: List[str]) -> None:

@@ -292,13 +292,8 @@ def run_supervised_labels(images: List[Dict], folder: str, gt_source: str = "", 
 
 def load_psm_cfg(config_file: str, opts: Optional[List[str]] = None) -> CfgNode:
     """The project config with ``config_file`` and ``KEY VALUE`` overrides merged (frozen)."""
-    from detectron2.config import get_cfg
+    from mmt_psm.config import load_config
 
-    from mmt_psm.config import add_mmt_psm_config
-
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
+    cfg = load_config(config_file, opts)
     cfg.freeze()
     return cfg
