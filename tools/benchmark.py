@@ -31,13 +31,13 @@ from typing import Any, Callable, Dict, List, Optional
 import detectron2
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage, get_event_storage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.config import add_mmt_psm_config  # noqa: E402  (importing mmt_psm registers its models)
+from mmt_psm.config import load_config  # noqa: E402  (importing mmt_psm registers its models)
 from mmt_psm.data.view_mapper import MMTPSMViewMapper  # noqa: E402
 from mmt_psm.modeling import mmt_psm_rcnn as rcnn_module  # noqa: E402
 from mmt_psm.modeling.ema import ema_update_  # noqa: E402
@@ -77,10 +77,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def load_cfg(args: argparse.Namespace) -> CfgNode:
     """The MMT-PSM config from ``--config-file`` + overrides, on ``--device``."""
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     if cfg.MODEL.META_ARCHITECTURE != "MMTPSMRCNN":
         raise ValueError(f"{args.config_file}: MODEL.META_ARCHITECTURE must be MMTPSMRCNN")

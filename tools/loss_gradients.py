@@ -20,11 +20,10 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.config import add_mmt_psm_config  # noqa: E402
+from mmt_psm.config import load_config  # noqa: E402
 from mmt_psm.engine import Trainer  # noqa: E402
 from mmt_psm.utils.atomic import write_json  # noqa: E402
 from mmt_psm.utils.loss_gradients import loss_gradient_stats, parameter_groups  # noqa: E402
@@ -34,10 +33,7 @@ def measure(args: argparse.Namespace) -> Dict:
     """Every batch's ``loss_gradient_stats`` plus the median / mean summary."""
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights {args.weights} does not exist")
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE
     if args.threads > 0:
         torch.set_num_threads(args.threads)

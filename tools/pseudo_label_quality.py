@@ -29,19 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     """``{"<class>@<t>": {precision, recall, matched_iou, per_image}}`` over the crops."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
 
     import mmt_psm  # noqa: F401  (registers data sets and models)
-    from mmt_psm.config import add_mmt_psm_config
+    from mmt_psm.config import load_config
     from mmt_psm.data.splits import load_split
     from mmt_psm.data.view_mapper import MMTPSMViewMapper
     from mmt_psm.engine.pseudo_label_monitor import gt_masks_in_view, match_counts
 
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(os.path.join(args.run_dir, "config.yaml"))
+    cfg = load_config(os.path.join(args.run_dir, "config.yaml"))
     cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE
     if cfg.MODEL.META_ARCHITECTURE != "MMTPSMRCNN":
         raise ValueError(f"{args.run_dir}: a teacher-student (MMTPSMRCNN) run is needed, got "

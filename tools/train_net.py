@@ -26,7 +26,7 @@ import logging
 import os
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
 from detectron2.evaluation.testing import flatten_results_dict
@@ -34,7 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mmt_psm  # noqa: F401  (registers everything)
-from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.config import load_config
 from mmt_psm.data.user_datasets import register_datasets_from_config
 from mmt_psm.engine import Trainer
 from mmt_psm.engine.checkpoint import AtomicCheckpointer
@@ -44,10 +44,7 @@ from mmt_psm.utils.threads import install_thread_signal
 
 def setup(args) -> CfgNode:
     """Build the frozen config from ``--config-file`` and overrides, and set up logging and the output dir."""
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"{args.config_file}: MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available; "

@@ -23,11 +23,11 @@ import sys
 from typing import List, Optional, Sequence
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
 import mmt_psm  # noqa: F401  (registers data sets and models)
-from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.config import load_config
 from mmt_psm.data.user_datasets import register_datasets_from_config
 from mmt_psm.engine import Trainer
 from mmt_psm.utils.visualize import draw_dataset_predictions, draw_image_predictions, list_images
@@ -54,10 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """Frozen config from ``--config-file`` + overrides, with ``MODEL.WEIGHTS`` resolved as documented."""
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     weights = args.weights or cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if not os.path.isfile(weights):
         raise SystemExit(f"checkpoint not found: {weights} (pass --weights or MODEL.WEIGHTS)")
