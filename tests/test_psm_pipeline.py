@@ -39,7 +39,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert [r["stem"] for r in index["images"]] == ["tile0", "tile1"]
     assert all(r["pseudo_mask"] and r["voronoi"] and not r.get("instances") for r in index["images"])  # no GT
     for sub in ("activation", "pseudo", "probability", "voronoi"):
-        assert sorted(os.listdir(os.path.join(labels, sub))) == ["tile0.png", "tile1.png"]
+        expected = ["source.json"] if sub == "probability" else []  # what wrote the maps (below)
+        assert sorted(os.listdir(os.path.join(labels, sub))) == expected + ["tile0.png", "tile1.png"]
     assert set(np.unique(cv2.imread(os.path.join(labels, "voronoi", "tile0.png"), -1))) <= {0, 1, 255}
     quality = json.load(open(os.path.join(labels, "label_quality.json")))
     assert {"pseudo_mask", "voronoi"} <= set(quality)
@@ -58,6 +59,23 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "all activation maps exist" in log and log.count("training skipped") == 2
     assert "[psm stage 3] 1/2 tile0: exists, skipped" in log
+
+    # probability maps remember what wrote them: predicting again with TTA redoes them instead of reusing the
+    # single-view maps, and maps of unknown origin are refused
+    weights = os.path.join(out, "segmentation", "model_final.pth")
+    source = os.path.join(pred, "probability", "source.json")
+    assert json.load(open(source)) == {"weights": os.path.abspath(weights), "bytes": os.path.getsize(weights),
+                                       "mtime_ns": os.stat(weights).st_mtime_ns, "tta": False}
+    predict = ["predict", "--images", images, "--gt", gt, "--weights", weights, "--out", pred] + TINY
+    _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "True"])
+    log = capsys.readouterr().out
+    assert "predicting every image again" in log and "[psm predict] 1/2 tile0" in log
+    assert json.load(open(source))["tta"] is True
+    _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "True"])
+    assert "[psm predict]" not in capsys.readouterr().out  # same weights and setting: kept
+    os.remove(source)
+    with pytest.raises(FileExistsError, match=r"probability holds 2 probability maps but no source\.json"):
+        _tool("psm_stage").run(predict)
 
 
 def test_pipeline_with_refined_masks_trains_stage6_on_them(tmp_path, capsys):

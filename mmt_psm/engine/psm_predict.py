@@ -30,7 +30,7 @@ from mmt_psm.modeling.psm.instances import instances_from_probability
 from mmt_psm.modeling.psm.tta import dihedral_probability
 from mmt_psm.utils.atomic import write_image, write_json
 
-__all__ = ["predict_probabilities", "write_instances", "score_labels", "contour_overlay"]
+__all__ = ["predict_probabilities", "probability_source", "write_instances", "score_labels", "contour_overlay"]
 
 Log = Callable[[str], None]
 
@@ -39,19 +39,56 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+PROBABILITY_SOURCE = "source.json"
+
+
+def probability_source(cfg: CfgNode, weights: str) -> Dict:
+    """What a folder of probability maps was computed with: the weights file (path, size, modification time) and
+    ``PSM.TEST.TTA``. Resuming keeps a folder's maps only when this matches."""
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights {weights!r} do not exist (a trained model_final.pth is needed)")
+    st = os.stat(weights)
+    return {"weights": os.path.abspath(weights), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "tta": bool(cfg.PSM.TEST.TTA)}
+
+
+def _reuse_or_clear(out_dir: str, source: Dict, images: List[Dict], log: Log) -> None:
+    """Make ``out_dir`` hold only maps of ``source``: maps written by other weights or another TTA setting are
+    removed (then ``source.json`` is written, so an interrupted clean-up resumes); maps without a
+    ``source.json`` (unknown origin) are an error rather than silently reused."""
+    path = os.path.join(out_dir, PROBABILITY_SOURCE)
+    maps = [os.path.join(out_dir, r["stem"] + ".png") for r in images]
+    present = [m for m in maps if os.path.isfile(m)]
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != source:
+            log(f"[psm predict] {out_dir} holds maps of {old}; predicting every image again with {source}")
+            for m in present:
+                os.remove(m)
+    elif present:
+        raise FileExistsError(f"{out_dir} holds {len(present)} probability maps but no {PROBABILITY_SOURCE} saying "
+                              "which weights and PSM.TEST.TTA setting wrote them: remove them or choose another "
+                              "output folder")
+    write_json(path, source)
+
+
 @torch.no_grad()
 def predict_probabilities(cfg: CfgNode, weights: str, images: List[Dict], out_dir: str, log: Log = _print) -> None:
-    """Foreground probability ``out_dir/<stem>.png`` of every image (existing files are kept); with
-    ``PSM.TEST.TTA`` the mean over the 8 rot90/flip views."""
+    """Foreground probability ``out_dir/<stem>.png`` of every image; with ``PSM.TEST.TTA`` the mean over the 8
+    rot90/flip views. Resumable: maps of the same weights and TTA setting (``source.json``) are kept, others
+    redone."""
     from detectron2.modeling import build_model
 
     from mmt_psm.data.psm_mapper import PSMNucleiMapper
 
+    source = probability_source(cfg, weights)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     model.eval()
     mapper = PSMNucleiMapper(cfg, is_train=False)
     os.makedirs(out_dir, exist_ok=True)
+    _reuse_or_clear(out_dir, source, images, log)
     for i, r in enumerate(images):
         path = os.path.join(out_dir, r["stem"] + ".png")
         if os.path.isfile(path):
