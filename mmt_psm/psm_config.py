@@ -72,7 +72,8 @@ def add_psm_config(cfg: CN) -> None:
     # "distance" (-distance to the background: touching nuclei split at their neck)
     cfg.PSM.INSTANCES.SURFACE = "probability"
     # ---- inference: average the foreground probability over the 8 rot90/flip views (not in the paper; 8x the
-    # inference time); used wherever a PSM network's probability is computed (stage-5 points and predictions)
+    # inference time); used wherever a PSM network's probability is computed (stage-5 points and predictions).
+    # configs/psm/segmentation.yaml turns it on for the final prediction only
     cfg.PSM.TEST = CN()
     cfg.PSM.TEST.TTA = False
     # ---- evaluation: also score the paper's protocol (centre crop of this size, connected-component GT)

@@ -65,13 +65,14 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     weights = os.path.join(out, "segmentation", "model_final.pth")
     source = os.path.join(pred, "probability", "source.json")
     assert json.load(open(source)) == {"weights": os.path.abspath(weights), "bytes": os.path.getsize(weights),
-                                       "mtime_ns": os.stat(weights).st_mtime_ns, "tta": False}
+                                       "mtime_ns": os.stat(weights).st_mtime_ns, "tta": True}  # segmentation.yaml
+    assert json.load(open(os.path.join(labels, "probability", "source.json")))["tta"] is False  # stage 5: one view
     predict = ["predict", "--images", images, "--gt", gt, "--weights", weights, "--out", pred] + TINY
-    _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "True"])
+    _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "False"])
     log = capsys.readouterr().out
     assert "predicting every image again" in log and "[psm predict] 1/2 tile0" in log
-    assert json.load(open(source))["tta"] is True
-    _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "True"])
+    assert json.load(open(source))["tta"] is False
+    _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "False"])
     assert "[psm predict]" not in capsys.readouterr().out  # same weights and setting: kept
     os.remove(source)
     with pytest.raises(FileExistsError, match=r"probability holds 2 probability maps but no source\.json"):
