@@ -24,11 +24,12 @@ def test_mean_std_and_paired_difference(tmp_path):
     _run(tmp_path, "seed1", "tta", 0.53, 0.70, 0.52)
     _run(tmp_path, "seed2", "tta", 0.59, 0.80, 0.58)
     text = TOOL["report"](runs, ["predictions", "tta"])
-    # mean 0.55, population std 0.05; paper AJI mean 0.55, std 0.03; Dice 0.75 +- 0.05
-    assert "| predictions | 2 | 0.550 +- 0.050 | 0.550 +- 0.050 | 0.700 +- 0.000 | 0.750 +- 0.050 |" in text
-    assert "| 0.550 +- 0.030 |" in text
-    # tta: 0.56 +- 0.03; paired differences +0.03 and -0.01 -> +0.01 +- 0.02, higher on 1 of 2
-    assert "| tta | 2 | 0.560 +- 0.030 |" in text
+    # AJI mean 0.55, population std 0.05; paper AJI 0.52 / 0.58 -> 0.55 +- 0.03; Dice 0.75 +- 0.05; AP50 one decimal
+    assert ("| predictions | 2 | 0.550 +- 0.050 | 0.550 +- 0.050 | 0.700 +- 0.000 | 0.750 +- 0.050 | 0.600 +- 0.000 "
+            "| 68.0 +- 0.0 | 0.550 +- 0.030 | 0.700 +- 0.000 | 0.750 +- 0.050 |") in text
+    # tta: AJI 0.53 / 0.59 -> 0.56 +- 0.03; paired differences +0.03 and -0.01 -> +0.01 +- 0.02, higher on 1 of 2
+    assert ("| tta | 2 | 0.560 +- 0.030 | 0.560 +- 0.030 | 0.700 +- 0.000 | 0.750 +- 0.050 | 0.600 +- 0.000 "
+            "| 68.0 +- 0.0 | 0.550 +- 0.030 | 0.700 +- 0.000 | 0.750 +- 0.050 |") in text
     assert "| seed1 | 0.5000 | 0.5300 |" in text
     assert "AJI tta - predictions, paired: +0.0100 +- 0.0200 (higher on 1 of 2 runs)" in text
 

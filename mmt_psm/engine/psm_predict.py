@@ -57,8 +57,7 @@ def _reuse_or_clear(out_dir: str, source: Dict, images: List[Dict], log: Log) ->
     removed (then ``source.json`` is written, so an interrupted clean-up resumes); maps without a
     ``source.json`` (unknown origin) are an error rather than silently reused."""
     path = os.path.join(out_dir, PROBABILITY_SOURCE)
-    maps = [os.path.join(out_dir, r["stem"] + ".png") for r in images]
-    present = [m for m in maps if os.path.isfile(m)]
+    present = [m for m in (os.path.join(out_dir, r["stem"] + ".png") for r in images) if os.path.isfile(m)]
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
