@@ -8,7 +8,7 @@ Works on any folder of ``<patient>_frame<FF>_slice_<S>.h5`` files (any patients,
 ``images/`` (uint16), ``labels/``, ``scribbles/`` (unannotated = 255), ``index.json`` and the default patient
 splits ``splits/p3_seed{1,2,3}.json`` (test patients 004/024/044/064/084 where present). Registered on
 ``import mmt_psm`` as ``acdc_test``, ``acdc_train``, ``acdc_train_scribble``, ``acdc_p3_seed<S>_{labeled,scribble,
-unlabeled}`` (see mmt_psm/data/acdc_datasets.py). Bad input stops with an error naming the file; nothing is written.
+unlabeled}`` (see mmt_psm/semantic/acdc_datasets.py). Bad input stops with an error naming the file; nothing is written.
 """
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ import sys
 from collections import Counter
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mmt_psm.data.acdc import convert_acdc  # noqa: E402
+from mmt_psm.semantic.acdc import convert_acdc
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,10 +27,8 @@ from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mmt_psm.data import cervical  # noqa: E402
-from mmt_psm.data.coco_io import image_record, write_coco_json  # noqa: E402
+from mmt_psm.instance import cervical
+from mmt_psm.instance.coco_io import image_record, write_coco_json
 
 STAGED = "staged cyto_masks/*.npz + nuclei/*_nuclei.png"
 Sample = Tuple[str, np.ndarray, np.ndarray]  # (file name relative to the subset dir, cyto, nuclei)

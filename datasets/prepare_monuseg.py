@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from mmt_psm.data.monuseg import convert_monuseg
+from mmt_psm.nuclei.monuseg import convert_monuseg
 
 
 def main() -> None:

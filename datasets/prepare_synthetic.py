@@ -6,7 +6,7 @@
 
 DIR defaults to ``$DETECTRON2_DATASETS/synthetic`` (or ``./datasets/synthetic`` when that variable is unset).
 Idempotent: the parameters are stored in ``DIR/synthetic_stamp.json`` and a second run with the same
-parameters does nothing. See ``mmt_psm/data/synthetic.py`` for the layout and what the images imitate.
+parameters does nothing. See ``mmt_psm/instance/synthetic.py`` for the layout and what the images imitate.
 """
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ import argparse
 import glob
 import json
 import os
-import sys
 from typing import Any, Dict, List, Optional
 
 try:
-    from mmt_psm.data.synthetic import write_synthetic_dataset
+    from mmt_psm.instance.synthetic import write_synthetic_dataset
 except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mmt_psm.data.synthetic import write_synthetic_dataset
+    from mmt_psm.instance.synthetic import write_synthetic_dataset
 
 STAMP_NAME = "synthetic_stamp.json"
 # Bump when the generator changes in a way that changes its output, so stale data sets are rewritten.

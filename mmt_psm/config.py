@@ -1,7 +1,10 @@
 """``add_mmt_psm_config(cfg)``: every key this project adds to Detectron2's config, with defaults.
 
-The defaults switch nothing on: a config that only calls this function trains a plain supervised model.
-Method defaults (MMT-PSM numbers from the authors' maskrcnn-benchmark code) live in ``configs/*.yaml``.
+It is the core's keys plus each task's: ``mmt_psm.core.config`` (``SEMI.*``, streams, splits),
+``mmt_psm.instance.config`` (``MODEL.MMT_PSM``, cell data and metrics), ``mmt_psm.networks.unet``
+(``MODEL.UNET``), ``mmt_psm.semantic.config`` (``MODEL.MIXED_SUP``, ``MODEL.LCC``, slices, volumes) and
+``mmt_psm.nuclei.config`` (``MODEL.PSM``, ``PSM.*``). The defaults switch nothing on: a config that only calls
+this function trains a plain supervised model. Method defaults live in ``configs/*.yaml``.
 """
 from __future__ import annotations
 
@@ -9,143 +12,33 @@ from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
-from .semantic_config import add_semantic_config
+from mmt_psm.core.config import add_core_config
+from mmt_psm.instance.config import add_instance_config
+from mmt_psm.networks.unet import add_unet_config
+from mmt_psm.nuclei.config import add_nuclei_config
+from mmt_psm.semantic.config import add_semantic_config
+
+__all__ = ["add_mmt_psm_config", "load_config"]
 
 
 def add_mmt_psm_config(cfg: CN) -> None:
     """Add this project's keys to ``cfg`` in place (idempotent)."""
-    add_semantic_config(cfg)  # the semantic siblings' keys (U-Net, mixed supervision, LCC)
-    _C = cfg
-    if hasattr(_C, "SEMI"):
-        return
-
-    # ---------------------------------------------------------------- data
-    # Intensity augmentation of labeled images (multiplicative factors sampled uniformly in [1-x, 1+x]).
-    _C.INPUT.BRIGHTNESS = 0.0
-    _C.INPUT.CONTRAST = 0.0
-    # The authors' labeled augmentation adds hue jitter U(-x, x) turns and random erasing (attempts kept with
-    # probability ERASE_PROB, patch geometry MODEL.MMT_PSM.ERASE_*): their values are 0.05 and 0.7; 0 = off.
-    _C.INPUT.HUE = 0.0
-    _C.INPUT.ERASE_PROB = 0.0
-    # Unlabeled training sets (names registered in DatasetCatalog); empty = supervised training.
-    _C.DATASETS.TRAIN_UNLABELED = ()
-    # Optional split file (tools/make_splits.py): restricts DATASETS.TRAIN to its labeled ids and adds the
-    # rest of the split's base data set to the unlabeled stream.
-    _C.DATASETS.SPLIT_FILE = ""
-    # Seed of the training streams' order and augmentations (-1: drawn once per run, saved in checkpoints).
-    _C.DATALOADER.STREAM_SEED = -1
-
-    # ---------------------------------------------------------------- teacher-student core
-    _C.SEMI = CN()
-    # Images per step and per GPU from each stream (SOLVER.IMS_PER_BATCH is ignored when these are > 0).
-    _C.SEMI.IMS_PER_BATCH_LABELED = 0
-    _C.SEMI.IMS_PER_BATCH_UNLABELED = 0
-    # Supervised-only iterations before any unsupervised loss.
-    _C.SEMI.BURN_IN_ITERS = 0
-    # EMA teacher: decay_t = min(1 - 1/(t+1), EMA_DECAY), updated after every step from EMA_START_ITER.
-    _C.SEMI.EMA_DECAY = 0.99
-    _C.SEMI.EMA_START_ITER = 0
-    # Copy the student into the teacher when burn-in ends.
-    _C.SEMI.COPY_TEACHER_AT_BURN_IN = True
-    # Skip the burn-in: a supervised run's checkpoint after iteration BURN_IN_ITERS - 1 (same labeled stream and
-    # solver) is loaded into student and teacher, and training starts at BURN_IN_ITERS; "" = train the burn-in.
-    # The quickstart uses it to share its supervised run's first half with MMT-PSM.
-    _C.SEMI.BURN_IN_CHECKPOINT = ""
-    # Unsupervised weight w(t) = UNSUP_WEIGHT * ramp(t): exp(-5(1-x)^2) over RAMP_UP_ITERS after burn-in,
-    # exp(-12(1-x)^2) over the last RAMP_DOWN_ITERS (0 disables a ramp).
-    _C.SEMI.UNSUP_WEIGHT = 1.0
-    _C.SEMI.RAMP_UP_ITERS = 0
-    _C.SEMI.RAMP_DOWN_ITERS = 0
-    # Model used for the reported evaluation: "teacher" or "student" (the other is evaluated too, suffixed).
-    _C.SEMI.EVAL_WITH = "teacher"
-    # Write PNGs of the teacher's pseudo-labels every N iterations (0 = never).
-    _C.SEMI.VIS_PERIOD = 0
-    # Every N iterations log the pseudo-labels' precision / recall / matched IoU per class against held-back
-    # ground truth (0 = never): DATASETS.UNLABELED_GT names labeled data sets holding (some of) the unlabeled
-    # images; their labels are only read by the monitor, never trained on. Also reported for score >= SCORE.
-    _C.SEMI.PSEUDO_MONITOR_PERIOD = 0
-    _C.SEMI.PSEUDO_MONITOR_SCORE = 0.5
-    _C.DATASETS.UNLABELED_GT = ()
-
-    # ---------------------------------------------------------------- MMT-PSM
-    _C.MODEL.MMT_PSM = CN()
-    # The detector wrapped by the semi-supervised meta-architecture.
-    _C.MODEL.MMT_PSM.STUDENT_ARCHITECTURE = "GeneralizedRCNN"
-    # Views of an unlabeled image: K colour copies for the teacher, each also h-flipped when TEACHER_FLIP.
-    _C.MODEL.MMT_PSM.NUM_TEACHER_COPIES = 2
-    _C.MODEL.MMT_PSM.TEACHER_FLIP = True
-    _C.MODEL.MMT_PSM.BRIGHTNESS = 0.15
-    _C.MODEL.MMT_PSM.CONTRAST = 0.15
-    _C.MODEL.MMT_PSM.HUE = 0.05
-    _C.MODEL.MMT_PSM.ERASE_PROB = 0.9
-    _C.MODEL.MMT_PSM.ERASE_MAX_PATCHES = 10
-    _C.MODEL.MMT_PSM.ERASE_AREA = (0.001, 0.004)
-    _C.MODEL.MMT_PSM.ERASE_ASPECT = (0.2, 5.0)
-    # Pseudo-labels: the teacher's post-processed detections on view 0; masks > MASK_THRESHOLD form M.
-    _C.MODEL.MMT_PSM.PSEUDO_SCORE_THRESH = 0.05
-    _C.MODEL.MMT_PSM.MASK_THRESHOLD = 0.5
-    # Switches beyond the paper (off = the paper's method; see mmt_psm/modeling/view_ensemble.py):
-    # one threshold per class instead of PSEUDO_SCORE_THRESH (empty = not used);
-    _C.MODEL.MMT_PSM.PSEUDO_SCORE_THRESH_PER_CLASS = ()
-    # foreground map M = "union" of the pseudo masks, or their "sum" (the authors' integral_mask);
-    _C.MODEL.MMT_PSM.FG_MAP = "union"
-    # pseudo-labels fused over every teacher view (weighted box fusion at FUSE_IOU) instead of view 0 alone;
-    _C.MODEL.MMT_PSM.FUSE_ALL_VIEWS = False
-    _C.MODEL.MMT_PSM.FUSE_IOU = 0.55
-    # the student's mask head learns the teacher's view-ensembled masks on the PSM positives (soft BCE).
-    _C.MODEL.MMT_PSM.MASK_DISTILL = False
-    _C.MODEL.MMT_PSM.MASK_DISTILL_WEIGHT = 1.0
-    # at most this many positives per image (a random subset) get mask distillation; 0 = all. The teacher's
-    # mask head on every positive in every view is the largest cost of MASK_DISTILL (BENCHMARKS.md).
-    _C.MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES = 0
-    # Proposals sampled per unlabeled image and their positive fraction; IoU to a pseudo box for foreground.
-    _C.MODEL.MMT_PSM.PROPOSAL_BATCH_SIZE = 512
-    _C.MODEL.MMT_PSM.PROPOSAL_POSITIVE_FRACTION = 0.25
-    _C.MODEL.MMT_PSM.PROPOSAL_IOU = 0.5
-    # Perturbation-sensitive mining: keep all positives + floor(|P| * ratio) most sensitive negatives.
-    _C.MODEL.MMT_PSM.MINING = True
-    _C.MODEL.MMT_PSM.NEGATIVE_RATIO = 0.5
-    _C.MODEL.MMT_PSM.NEGATIVE_WEIGHT = 1.5
-    # Semantic distillation loss_psm (sharpened teacher mean vs student), and its weight.
-    _C.MODEL.MMT_PSM.PSM_LOSS = True
-    _C.MODEL.MMT_PSM.PSM_WEIGHT = 0.2
-    _C.MODEL.MMT_PSM.SHARPEN_T = 0.5
-    # Dropout after fc7 of the student's box head (teacher: none).
-    _C.MODEL.MMT_PSM.STUDENT_BOX_DROPOUT = 0.5
-    # Mask-guided feature distillation loss_mgd on these FPN levels through 1x1 adaptors.
-    _C.MODEL.MMT_PSM.MGD_LOSS = True
-    _C.MODEL.MMT_PSM.MGD_WEIGHT = 1.0
-    _C.MODEL.MMT_PSM.MGD_IN_FEATURES = ("p2", "p3", "p4", "p5", "p6")
-    _C.MODEL.MMT_PSM.MGD_ADAPTOR_DIM = 128
-    # False = mean-teacher feature consistency over the whole image (no mask guidance).
-    _C.MODEL.MMT_PSM.MGD_USE_MASK = True
-
-    # ---------------------------------------------------------------- your own data, evaluation, flips (issue 10)
-    # Data sets registered from the config / command line (mmt_psm.data.user_datasets), before the Trainer:
-    #   "name:path/instances.json:path/image_root"  COCO instance JSON (image_root default: the JSON's folder)
-    #   "name:path/instances.json"                  (also: a JSON with no categories/annotations = unlabeled)
-    #   "name:path/folder" or "name:path/*.png"     a folder or glob of unlabeled images, no JSON
-    _C.DATASETS.REGISTER = ()
-    # Every image of a registered data set is decoded once when the set is first loaded. A corrupt/unreadable
-    # one (or one whose size differs from its JSON record): "error" = fail then, listing every bad file;
-    # "skip" = drop it with a counted warning.
-    _C.DATASETS.BAD_IMAGES = "error"
-    # INPUT.RANDOM_FLIP keeps Detectron2's meaning (one random flip: "horizontal" | "vertical" | "none");
-    # VERTICAL_FLIP adds an independent random vertical flip (p=0.5) of labeled images (cells have no up).
-    _C.INPUT.VERTICAL_FLIP = False
-    # Score threshold of the cell metrics (AJI, F1, Dice, IoU); COCO AP uses every detection.
-    _C.TEST.CELL_SCORE_THRESH = 0.5
-    # Also evaluate the model that is not reported (student or teacher, suffixed); False halves eval time.
-    _C.SEMI.EVAL_BOTH = True
+    add_core_config(cfg)
+    add_instance_config(cfg)
+    add_unet_config(cfg)
+    add_semantic_config(cfg)
+    add_nuclei_config(cfg)
 
 
-def load_config(config_file: str, opts: Optional[Sequence[str]] = None) -> CN:
+def load_config(config_file: str, opts: Optional[Sequence[str]] = None, freeze: bool = False) -> CN:
     """Detectron2's defaults + this project's keys, ``config_file`` (with its bases) and ``KEY VALUE`` overrides
-    merged; not frozen."""
+    merged; frozen when ``freeze``."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_mmt_psm_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
+    if freeze:
+        cfg.freeze()
     return cfg

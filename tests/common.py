@@ -7,8 +7,8 @@ from typing import Any, Dict, List, Tuple
 from detectron2.config import CfgNode, get_cfg
 
 from mmt_psm.config import add_mmt_psm_config
-from mmt_psm.data.datasets import register_cell_coco
-from mmt_psm.data.synthetic import write_synthetic_dataset
+from mmt_psm.instance.datasets import register_cell_coco
+from mmt_psm.instance.synthetic import write_synthetic_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("MMT_PSM_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -60,7 +60,7 @@ def unlabeled_view_batch(cfg: CfgNode, dataset: str, n: int, seed: int = 0) -> L
     import numpy as np
     from detectron2.data import DatasetCatalog
 
-    from mmt_psm.data.view_mapper import MMTPSMViewMapper
+    from mmt_psm.instance.view_mapper import MMTPSMViewMapper
 
     np.random.seed(seed)
     mapper = MMTPSMViewMapper(cfg)

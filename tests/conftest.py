@@ -16,7 +16,7 @@ def trained_mmt_psm(tmp_path_factory) -> SimpleNamespace:
     train_net writes it. Returns ``cfg``, ``trainer``, ``output_dir`` and ``data_root``."""
     import torch
 
-    from mmt_psm.engine import Trainer
+    from mmt_psm.core import Trainer
 
     root = tmp_path_factory.mktemp("trained_mmt_psm")
     data_root = str(root / "data")

@@ -10,8 +10,8 @@ from common import REPO
 from detectron2.config import CfgNode, get_cfg
 
 from mmt_psm.config import add_mmt_psm_config
-from mmt_psm.data.acdc import convert_acdc
-from mmt_psm.data.acdc_datasets import register_all_acdc
+from mmt_psm.semantic.acdc import convert_acdc
+from mmt_psm.semantic.acdc_datasets import register_all_acdc
 
 
 def heart_slice(h: int, w: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:

@@ -36,12 +36,11 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage, get_event_storage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.config import load_config  # noqa: E402  (importing mmt_psm registers its models)
-from mmt_psm.data.view_mapper import MMTPSMViewMapper  # noqa: E402
-from mmt_psm.modeling import mmt_psm_rcnn as rcnn_module  # noqa: E402
-from mmt_psm.modeling.ema import ema_update_  # noqa: E402
-from mmt_psm.utils.bench_inputs import dataset_dicts, labeled_dict, load_weights, unlabeled_dict  # noqa: E402
+from mmt_psm.config import load_config  # importing mmt_psm registers its models
+from mmt_psm.core.ema import ema_update_
+from mmt_psm.instance import mmt_psm_rcnn as rcnn_module
+from mmt_psm.instance.bench_inputs import dataset_dicts, labeled_dict, load_weights, unlabeled_dict
+from mmt_psm.instance.view_mapper import MMTPSMViewMapper
 
 NAMES = {"A": "MMT-PSM", "T": "MMT-PSM, trained weights", "B": "supervised, same images",
          "C": "supervised, same labeled"}

@@ -18,8 +18,8 @@ import sys
 from typing import Optional, Sequence
 
 import mmt_psm  # noqa: F401  (registers the built-in data sets)
-from mmt_psm.data.stats import dataset_stats, format_stats
-from mmt_psm.data.user_datasets import register_user_dataset
+from mmt_psm.instance.stats import dataset_stats, format_stats
+from mmt_psm.instance.user_datasets import register_user_dataset
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

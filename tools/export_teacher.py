@@ -12,7 +12,7 @@ the run's reported model, ``SEMI.EVAL_WITH``; for mixed supervision the bottom h
 ``SemanticSegmentor``). U-Net models also need the U-Net's registrations and keys in the loading process, and
 nothing else of this package (as Detectron2's projects)::
 
-    spec = importlib.util.spec_from_file_location("unet", "mmt_psm/modeling/semantic/unet.py")
+    spec = importlib.util.spec_from_file_location("unet", "mmt_psm/networks/unet.py")
     unet = importlib.util.module_from_spec(spec); spec.loader.exec_module(unet)
     cfg = get_cfg(); unet.add_unet_config(cfg); cfg.merge_from_file("config_student.yaml")
 """
@@ -26,10 +26,9 @@ from typing import Dict
 import torch
 from detectron2.config import CfgNode, get_cfg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.config import add_mmt_psm_config  # noqa: E402
-from mmt_psm.modeling.semantic.unet import add_unet_config  # noqa: E402
-from mmt_psm.utils.atomic import save_torch, write_text  # noqa: E402
+from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.core.atomic import save_torch, write_text
+from mmt_psm.networks.unet import add_unet_config
 
 # teacher-student meta-architecture -> the config node naming the plain architecture of its teacher/student
 STUDENT_ARCHITECTURE_NODE = {"MMTPSMRCNN": "MMT_PSM", "LCCMeanTeacherSegmentor": "LCC",

@@ -44,10 +44,9 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.utils.protocol import final_metrics, run_arm, run_jobs, train, write_results  # noqa: E402
-from mmt_psm.utils.protocol import markdown as protocol_markdown  # noqa: E402
-from mmt_psm.utils.protocol import summarize as protocol_summarize  # noqa: E402
+from mmt_psm.core.protocol import final_metrics, run_arm, run_jobs, train, write_results
+from mmt_psm.core.protocol import markdown as protocol_markdown
+from mmt_psm.core.protocol import summarize as protocol_summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "cpu", "protocol.yaml")

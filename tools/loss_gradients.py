@@ -22,11 +22,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.events import EventStorage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.config import load_config  # noqa: E402
-from mmt_psm.engine import Trainer  # noqa: E402
-from mmt_psm.utils.atomic import write_json  # noqa: E402
-from mmt_psm.utils.loss_gradients import loss_gradient_stats, parameter_groups  # noqa: E402
+from mmt_psm.config import load_config
+from mmt_psm.core import Trainer
+from mmt_psm.core.atomic import write_json
+from mmt_psm.instance.loss_gradients import loss_gradient_stats, parameter_groups
 
 
 def measure(args: argparse.Namespace) -> Dict:

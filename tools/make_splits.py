@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a seeded labeled/unlabeled split file of a registered data set (see mmt_psm/data/splits.py).
+"""Write a seeded labeled/unlabeled split file of a registered data set (see mmt_psm/core/splits.py).
 
     python tools/make_splits.py --dataset isbi2015_train --count 2 --seed 1 \
         --out datasets/splits/isbi2015_train_n2_seed1.json
@@ -13,16 +13,13 @@ Patient mode (ACDC and other volume data sets: whole patients are labeled, weak 
 
     python tools/make_splits.py --patients datasets/cardiac/acdc --count 7 --seed 4 \
         --out datasets/cardiac/acdc/splits/p7_seed4.json      # registered as acdc_p7_seed4_* by
-                                                               # mmt_psm.data.register_acdc_split(out)
+                                                               # mmt_psm.semantic.acdc_datasets.register_acdc_split(out)
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List, Optional
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -48,9 +45,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from detectron2.data import DatasetCatalog
 
-    import mmt_psm.data  # noqa: F401  (registers the built-in data sets)
-    from mmt_psm.data.splits import make_split, split_names, write_split
-    from mmt_psm.data.user_datasets import register_user_dataset
+    import mmt_psm  # noqa: F401  (registers the built-in data sets)
+    from mmt_psm.core.splits import make_split, split_names, write_split
+    from mmt_psm.instance.user_datasets import register_user_dataset
 
     for entry in args.register:
         register_user_dataset(entry)
@@ -68,8 +65,8 @@ def patient_split(args: argparse.Namespace) -> None:
     """Write a seeded patient split of the prepared folder ``args.patients``."""
     import json
 
-    from mmt_psm.data.acdc import make_patient_split
-    from mmt_psm.utils.atomic import write_json
+    from mmt_psm.core.atomic import write_json
+    from mmt_psm.semantic.acdc import make_patient_split
 
     index_file = os.path.join(args.patients, "index.json")
     if not os.path.isfile(index_file):

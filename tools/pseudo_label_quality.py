@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
@@ -34,9 +31,9 @@ def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
 
     import mmt_psm  # noqa: F401  (registers data sets and models)
     from mmt_psm.config import load_config
-    from mmt_psm.data.splits import load_split
-    from mmt_psm.data.view_mapper import MMTPSMViewMapper
-    from mmt_psm.engine.pseudo_label_monitor import gt_masks_in_view, match_counts
+    from mmt_psm.core.splits import load_split
+    from mmt_psm.instance.pseudo_label_monitor import gt_masks_in_view, match_counts
+    from mmt_psm.instance.view_mapper import MMTPSMViewMapper
 
     cfg = load_config(os.path.join(args.run_dir, "config.yaml"))
     cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE

@@ -21,12 +21,11 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mmt_psm  # noqa: E402,F401  (registers the data sets)
-from mmt_psm.data.psm_io import read_he_image  # noqa: E402
-from mmt_psm.engine.psm_predict import contour_overlay  # noqa: E402
-from mmt_psm.engine.psm_stages import resolve_images  # noqa: E402
-from mmt_psm.utils.atomic import write_image  # noqa: E402
+import mmt_psm  # noqa: F401  (registers the data sets)
+from mmt_psm.core.atomic import write_image
+from mmt_psm.nuclei.pipeline.label_files import resolve_images
+from mmt_psm.nuclei.pipeline.predict import contour_overlay
+from mmt_psm.nuclei.tile_io import read_he_image
 
 PRED_BGR, GT_BGR = (0, 255, 255), (0, 200, 0)
 

@@ -25,7 +25,6 @@ stage 6 alone:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -34,18 +33,13 @@ import torch
 from detectron2.engine import default_argument_parser
 
 import mmt_psm  # noqa: F401
-from mmt_psm.data.psm_datasets import register_psm_labels
-from mmt_psm.engine.psm_predict import predict_probabilities, score_labels, write_instances
-from mmt_psm.engine.psm_stages import (
-    load_psm_cfg,
-    resolve_images,
-    run_activation,
-    run_pseudo_masks,
-    run_refined_masks,
-    run_supervised_labels,
-    run_voronoi,
-    update_index,
-)
+from mmt_psm.config import load_config
+from mmt_psm.nuclei.datasets import register_psm_labels
+from mmt_psm.nuclei.pipeline.ground_truth import run_supervised_labels
+from mmt_psm.nuclei.pipeline.label_files import resolve_images, update_index
+from mmt_psm.nuclei.pipeline.predict import predict_probabilities, score_labels, write_instances
+from mmt_psm.nuclei.pipeline.stages import run_activation, run_pseudo_masks, run_refined_masks, run_voronoi
+from mmt_psm.train_net import main as train_net_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,16 +53,13 @@ def train(config: str, out_dir: str, labels: str, iters: int, opts, init: str = 
         print(f"[psm pipeline] {final} exists, training skipped", flush=True)
         return final
     register_psm_labels("psm_labels", labels)
-    spec = importlib.util.spec_from_file_location("psm_train_net", os.path.join(REPO, "tools", "train_net.py"))
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
     argv = ["--config-file", config, "--num-gpus", "1", "--resume", "OUTPUT_DIR", out_dir,
             "DATASETS.TRAIN", '("psm_labels",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters),
             "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1))] + (["MODEL.WEIGHTS", init] if init else [])
     argv += list(opts)
     print(f"[psm pipeline] MMT_PSM_LABEL_SETS=psm_labels={os.path.abspath(labels)} python tools/train_net.py "
           + " ".join(repr(a) if " " in a or "(" in a else a for a in argv), flush=True)
-    train_net.main(default_argument_parser().parse_args(argv))
+    train_net_main(default_argument_parser().parse_args(argv))
     return final
 
 
@@ -91,7 +82,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     det_cfg_file = os.path.join(a.config_dir, "detection.yaml")
     seg_cfg_file = os.path.join(a.config_dir, "segmentation.yaml")
-    cfg = load_psm_cfg(det_cfg_file, a.opts)
+    cfg = load_config(det_cfg_file, a.opts, freeze=True)
     labels = os.path.join(a.out, "labels")
     if a.supervised and not a.train_gt:
         p.error("--supervised needs --train-gt (the instance maps it trains on)")
@@ -126,7 +117,7 @@ def main(argv=None) -> int:
                 init="" if a.seg_from_scratch else det)
     lap("stage 6 (segmentation network)")
     test = resolve_images(a.test or a.images, a.test_gt if a.test or a.test_gt else a.train_gt)
-    seg_cfg = load_psm_cfg(seg_cfg_file, a.opts)
+    seg_cfg = load_config(seg_cfg_file, a.opts, freeze=True)
     pred_dir = os.path.join(a.out, "predictions")
     predict_probabilities(seg_cfg, seg, test, os.path.join(pred_dir, "probability"))
     write_instances(seg_cfg, test, os.path.join(pred_dir, "probability"), pred_dir)

@@ -18,8 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmt_psm.utils.protocol import markdown, summarize  # noqa: E402
+from mmt_psm.core.protocol import markdown, summarize
 
 METRICS = ["AJI", "AJI_pooled", "F1", "Dice", "IoU", "AP50", "paper AJI", "paper F1", "paper Dice"]
 
@@ -71,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = report(args.runs, args.predictions)
     print(text)
     if args.out:
-        from mmt_psm.utils.atomic import write_text
+        from mmt_psm.core.atomic import write_text
 
         write_text(args.out, text)
     return 0

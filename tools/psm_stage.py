@@ -28,18 +28,11 @@ import numpy as np
 import torch
 
 import mmt_psm  # noqa: F401  (registers data sets and models)
-from mmt_psm.engine.psm_predict import predict_probabilities, score_labels, write_instances
-from mmt_psm.engine.psm_stages import (
-    load_psm_cfg,
-    resolve_images,
-    run_activation,
-    run_pseudo_masks,
-    run_refined_masks,
-    run_supervised_labels,
-    run_voronoi,
-    update_index,
-    write_unit_map,
-)
+from mmt_psm.config import load_config
+from mmt_psm.nuclei.pipeline.ground_truth import run_supervised_labels
+from mmt_psm.nuclei.pipeline.label_files import resolve_images, update_index, write_unit_map
+from mmt_psm.nuclei.pipeline.predict import predict_probabilities, score_labels, write_instances
+from mmt_psm.nuclei.pipeline.stages import run_activation, run_pseudo_masks, run_refined_masks, run_voronoi
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "psm",
                               "Base-PSM-UNet.yaml")
@@ -59,7 +52,7 @@ def run(argv=None) -> int:
     if any(o.startswith("--") for o in opts):
         p.error(f"unknown options {[o for o in opts if o.startswith('--')]}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg = load_psm_cfg(a.config, opts)
+    cfg = load_config(a.config, opts, freeze=True)
     images = resolve_images(a.images, a.gt)
     if a.stage in ("activation", "pseudo-masks", "voronoi", "pseudo-instances", "supervised-labels") and not a.labels:
         p.error(f"{a.stage} needs --labels")

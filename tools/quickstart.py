@@ -20,10 +20,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from mmt_psm.core.threads import GIVE_BACK_SIGNAL, THREAD_SIGNAL, usable_cpus
 
-from mmt_psm.utils.threads import GIVE_BACK_SIGNAL, THREAD_SIGNAL, usable_cpus  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SUP_CONFIG, MMT_CONFIG = "configs/quickstart/supervised.yaml", "configs/quickstart/mmt_psm.yaml"
 
@@ -53,7 +52,7 @@ def last_iteration(log: str) -> str:
 def hand_over_core(procs: Dict[str, subprocess.Popen], logs: Dict[str, str], sig: Optional[int] = THREAD_SIGNAL
                    ) -> List[str]:
     """Signals every run that is already training (its log shows an ``iter:`` line) to take one more torch thread
-    (``sig`` = SIGUSR1; SIGUSR2: give one back; ``mmt_psm.utils.threads``, handled by ``tools/train_net.py``);
+    (``sig`` = SIGUSR1; SIGUSR2: give one back; ``mmt_psm.core.threads``, handled by ``tools/train_net.py``);
     returns their names. A run still starting is left alone: before its handler is installed the signal's default
     action would end it."""
     if sig is None:
@@ -204,8 +203,8 @@ def main(argv=None) -> int:
 
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from mmt_psm.engine import Trainer
-    from mmt_psm.utils.visualize import draw_dataset_predictions
+    from mmt_psm.core import Trainer
+    from mmt_psm.instance.visualize import draw_dataset_predictions
 
     pngs = []
     for run_dir in (sup_dir, mmt_dir):

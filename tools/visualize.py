@@ -11,7 +11,7 @@ r"""Draw a trained model's predictions as PNGs.
 Weights: ``--weights``, else ``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``. For teacher-student
 checkpoints (``MMTPSMRCNN``) ``--which`` picks the teacher (default: ``SEMI.EVAL_WITH``) or the student; plain
 ``GeneralizedRCNN`` checkpoints (supervised runs) work with their own config. Trailing ``KEY VALUE`` pairs
-override the config. The drawing lives in :mod:`mmt_psm.utils.visualize`.
+override the config. The drawing lives in :mod:`mmt_psm.instance.visualize`.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from detectron2.utils.logger import setup_logger
 
 import mmt_psm  # noqa: F401  (registers data sets and models)
 from mmt_psm.config import load_config
-from mmt_psm.data.user_datasets import register_datasets_from_config
-from mmt_psm.engine import Trainer
-from mmt_psm.utils.visualize import draw_dataset_predictions, draw_image_predictions, list_images
+from mmt_psm.core import Trainer
+from mmt_psm.instance.user_datasets import register_datasets_from_config
+from mmt_psm.instance.visualize import draw_dataset_predictions, draw_image_predictions, list_images
 
 logger = logging.getLogger("mmt_psm.visualize")
 

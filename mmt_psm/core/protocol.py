@@ -1,0 +1,146 @@
+"""The part every protocol tool (tools/acdc_protocol.py, tools/isbi_protocol.py) shares: find a run's final
+evaluation, train one arm x seed through mmt_psm.train_net (resumable), run the jobs in a thread pool,
+summarize mean +- std over seeds, and write results.json / results.md atomically."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mmt_psm.core.atomic import write_json, write_text
+
+__all__ = ["final_metrics", "train", "run_arm", "run_jobs", "summarize", "markdown", "write_results"]
+
+Metrics = Dict[str, float]
+
+
+def final_metrics(run_dir: str, is_evaluation: Callable[[Dict], bool]) -> Optional[Metrics]:
+    """The ``task/metric`` values of every evaluation record (``is_evaluation(record)``) at the run's LAST
+    iteration (``SOLVER.MAX_ITER - 1`` of its config.yaml), merged, from ``metrics.json``; None while the run has
+    not finished: an intermediate evaluation does not count, a torn last line is skipped."""
+    path, config = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
+    if not (os.path.isfile(path) and os.path.isfile(config)):
+        return None
+    import yaml
+
+    with open(config) as f:
+        last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"]) - 1
+    found: Metrics = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("iteration", -1) >= last_iter and is_evaluation(rec):
+                found.update({k: v for k, v in rec.items() if "/" in k})
+    return found or None
+
+
+# the training command (Detectron2's command line); a test swaps it for a stub
+TRAIN_COMMAND = [sys.executable, "-m", "mmt_psm.train_net"]
+
+
+def train(root: str, config: str, opts: Sequence[str], run_dir: str, threads: int, what: str) -> None:
+    """``python -m mmt_psm.train_net --config-file config --resume *opts`` (what ``tools/train_net.py`` runs) in
+    ``root`` with ``threads`` torch threads, its output appended to ``run_dir/stdout.txt``; a RuntimeError naming
+    ``what`` and that file when it fails."""
+    cmd = [*TRAIN_COMMAND, "--config-file", config, "--resume", *opts]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "stdout.txt"), "a") as log:
+        log.write("$ " + " ".join(cmd[1:]) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    if rc != 0:
+        raise RuntimeError(f"{what} failed (exit {rc}); see {run_dir}/stdout.txt")
+
+
+def run_arm(root: str, arm: str, seed: int, run_dir: str, config: str, overrides: Mapping[str, str],
+            args: argparse.Namespace,
+            final: Callable[[str], Optional[Metrics]], describe: Callable[[Metrics], str]) -> Metrics:
+    """Train + evaluate one arm / seed unless ``final(run_dir)`` says it finished; returns its final metrics.
+
+    ``overrides`` values may hold ``{s}`` (the seed); every run gets ``SEED`` and ``DATALOADER.STREAM_SEED`` = the
+    seed (identical labeled streams across arms) and ``args.opts`` last. ``args``: ``report_only``, ``threads``,
+    ``opts``. With ``report_only`` an unfinished run is a FileNotFoundError."""
+    done = final(run_dir)
+    if done is not None:
+        print(f"[skip] {arm} seed {seed}: finished earlier ({run_dir})", flush=True)
+        return done
+    if args.report_only:
+        raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}")
+    opts = ["OUTPUT_DIR", run_dir, "SEED", str(seed), "DATALOADER.STREAM_SEED", str(seed)]
+    for k, v in overrides.items():
+        opts += [k, v.format(s=seed)]
+    print(f"[start] {arm} seed {seed}", flush=True)
+    t0 = time.time()
+    train(root, config, [*opts, *args.opts], run_dir, args.threads, what=f"{arm} seed {seed}")
+    res = final(run_dir)
+    if res is None:
+        raise RuntimeError(f"{arm} seed {seed}: no final evaluation in {run_dir}/metrics.json")
+    print(f"[done] {arm} seed {seed} in {time.time() - t0:.0f} s: {describe(res)}", flush=True)
+    return res
+
+
+def run_jobs(
+    jobs: Sequence[Tuple[str, int]], run_one: Callable[[str, int], Metrics], workers: int
+) -> Tuple[Dict[str, Dict[int, Metrics]], List[str]]:
+    """``run_one(arm, seed)`` for every job, ``workers`` at a time; returns ({arm: {seed: metrics}}, failures).
+    A job raising RuntimeError / FileNotFoundError is a failure (printed), the others go on."""
+    results: Dict[str, Dict[int, Metrics]] = {}
+    failures: List[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {(a, s): pool.submit(run_one, a, s) for a, s in jobs}
+        for (a, s), fut in futures.items():
+            try:
+                results.setdefault(a, {})[s] = fut.result()
+            except (RuntimeError, FileNotFoundError) as e:
+                failures.append(str(e))
+                print(f"[fail] {e}", flush=True)
+    return results, failures
+
+
+def summarize(results: Mapping[str, Mapping[int, Metrics]], metrics: Sequence[str],
+              models: Mapping[str, Callable[[str], str]]) -> Dict[str, Dict[str, List[float]]]:
+    """``{arm + label: {metric: [mean, std, n]}}`` over the seeds that finished (population std).
+
+    ``models`` maps a row label suffix (e.g. ``" (student)"``) to the function giving a metric's key in a run's
+    results; a model is listed only when every seed has its first metric. A missing other metric is NaN."""
+    table = {}
+    for arm, by_seed in results.items():
+        for label, key in models.items():
+            if not by_seed or not all(key(metrics[0]) in r for r in by_seed.values()):
+                continue
+            row = {}
+            for m in metrics:
+                vals = np.array([r.get(key(m), np.nan) for r in by_seed.values()], dtype=float)
+                row[m] = [float(vals.mean()), float(vals.std()), int(vals.size)]
+            table[arm + label] = row
+    return table
+
+
+def markdown(table: Mapping[str, Mapping[str, List[float]]], metrics: Sequence[str],
+             digits: Callable[[str], int], footer: str) -> str:
+    """A markdown table: one row per ``table`` entry, ``mean +- std`` with ``digits(metric)`` decimals."""
+    head = "| arm | n | " + " | ".join(metrics) + " |\n|---|---|" + "---|" * len(metrics) + "\n"
+    rows = []
+    for arm, row in table.items():
+        cells = [f"{row[m][0]:.{digits(m)}f} +- {row[m][1]:.{digits(m)}f}" for m in metrics]
+        rows.append(f"| {arm} | {row[metrics[0]][2]} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + f"\n\n{footer}\n"
+
+
+def write_results(out: str, seeds: Sequence[int], table: Dict, results: Dict, failures: List[str], text: str) -> None:
+    """``<out>/results.json`` (seeds, table, runs, failures) and ``<out>/results.md``; prints the markdown."""
+    write_json(os.path.join(out, "results.json"),
+               {"seeds": list(seeds), "table": table, "runs": results, "failures": failures})
+    write_text(os.path.join(out, "results.md"), text)
+    print(text)

@@ -1,0 +1,71 @@
+"""mmt_psm/core/protocol.py, shared by both protocol tools: a finished run is not redone, an unfinished one
+trains with the seed's streams and the arm's overrides (extra options last), a failed training names its log."""
+import argparse
+import json
+import math
+import os
+import sys
+
+import pytest
+from common import protocol_run_dir
+
+import mmt_psm.core.protocol as protocol
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"report_only": False, "threads": 1, "opts": ["SOLVER.MAX_ITER", "7"], **kw})
+
+
+def _final(run_dir):
+    return protocol.final_metrics(run_dir, lambda rec: "segm/AP" in rec)
+
+
+def test_finished_run_is_collected_not_trained(tmp_path, monkeypatch):
+    d = protocol_run_dir(tmp_path, [{"iteration": 9, "segm/AP": 30.0, "total_loss": 1.0}], max_iter=10)
+    monkeypatch.setattr(protocol, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    res = protocol.run_arm("/repo", "arm", 3, d, "c.yaml", {}, _args(), _final, str)
+    assert res == {"segm/AP": 30.0}
+
+
+def test_unfinished_run_trains_with_seed_streams_and_overrides(tmp_path, monkeypatch):
+    d = str(tmp_path / "arm_seed3")
+    calls = []
+
+    def fake_train(root, config, opts, run_dir, threads, what):
+        calls.append((root, config, list(opts), run_dir, threads, what))
+        os.makedirs(run_dir, exist_ok=True)
+        open(os.path.join(run_dir, "config.yaml"), "w").write("SOLVER:\n  MAX_ITER: 10\n")
+        open(os.path.join(run_dir, "metrics.json"), "w").write(json.dumps({"iteration": 9, "segm/AP": 1.5}) + "\n")
+
+    monkeypatch.setattr(protocol, "train", fake_train)
+    with pytest.raises(FileNotFoundError, match="arm seed 3 has no final results"):
+        protocol.run_arm("/repo", "arm", 3, d, "c.yaml", {}, _args(report_only=True), _final, str)
+    assert not calls
+    res = protocol.run_arm("/repo", "arm", 3, d, "c.yaml", {"DATASETS.SPLIT_FILE": "split_s{s}.json"}, _args(),
+                           _final, str)
+    assert res == {"segm/AP": 1.5}
+    assert calls == [("/repo", "c.yaml", ["OUTPUT_DIR", d, "SEED", "3", "DATALOADER.STREAM_SEED", "3",
+                                          "DATASETS.SPLIT_FILE", "split_s3.json", "SOLVER.MAX_ITER", "7"],
+                      d, 1, "arm seed 3")]
+
+
+def test_failed_training_names_the_run_and_its_log(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "failing_train_net.py").write_text("import sys\nprint('boom')\nsys.exit(3)\n")
+    monkeypatch.setattr(protocol, "TRAIN_COMMAND", [sys.executable, str(root / "failing_train_net.py")])
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match=r"arm seed 1 failed \(exit 3\); see .*run/stdout.txt"):
+        protocol.train(str(root), "c.yaml", ["SEED", "1"], run_dir, 1, what="arm seed 1")
+    log = open(os.path.join(run_dir, "stdout.txt")).read()
+    assert log.startswith("$ ") and "--resume SEED 1" in log and "boom" in log
+
+
+def test_summary_lists_a_model_only_when_every_seed_has_it_and_nan_for_a_missing_metric():
+    results = {"a": {1: {"x": 1.0, "y": 2.0, "x_s": 5.0}, 2: {"x": 3.0}}}
+    table = protocol.summarize(results, ["x", "y"], {"": lambda m: m, " (s)": lambda m: m + "_s"})
+    assert list(table) == ["a"]
+    assert table["a"]["x"] == [2.0, 1.0, 2]
+    assert table["a"]["y"][2] == 2 and math.isnan(table["a"]["y"][0])  # seed 2 lacks y
+    md = protocol.markdown(table, ["x"], lambda m: 2, "footer")
+    assert md == "| arm | n | x |\n|---|---|---|\n| a | 2 | 2.00 +- 1.00 |\n\nfooter\n"

@@ -1,0 +1,79 @@
+"""tools/acdc_protocol.py: a run counts only when its LAST iteration was evaluated; mean +- std over seeds."""
+import json
+import os
+import runpy
+
+import pytest
+from common import (
+    REPO,  # noqa: E402
+    protocol_run_dir,
+)
+
+TOOL = runpy.run_path(os.path.join(REPO, "tools", "acdc_protocol.py"))
+
+
+def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
+    mid = {"iteration": 599, "sem_seg_volume/Dice": 0.4}
+    d = protocol_run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, mid], max_iter=1200)
+    assert TOOL["final_results"](d) is None
+    with open(os.path.join(d, "metrics.json"), "a") as f:
+        f.write(json.dumps({"iteration": 1199, "sem_seg_volume/Dice": 0.6}) + "\n")
+    assert TOOL["final_results"](d)["sem_seg_volume/Dice"] == 0.6
+
+
+def test_summary_mean_std_over_seeds_and_other_model():
+    metrics = TOOL["METRICS"]
+    run = lambda v: {**{f"sem_seg_volume/{m}": v for m in metrics},  # noqa: E731
+                     **{f"sem_seg_volume_student/{m}": v + 1 for m in metrics}}
+    table = TOOL["summarize"]({"lcc": {1: run(0.2), 2: run(0.4)}})
+    assert table["lcc"]["Dice"] == [pytest.approx(0.3), pytest.approx(0.1), 2]
+    assert table["lcc (student)"]["HD95"][0] == pytest.approx(1.3)
+    md = TOOL["markdown"](table, [1, 2])
+    assert "| lcc | 2 | 0.300 +- 0.100" in md
+
+
+def test_largest_component_rescoring_collects_finished_runs_only(tmp_path):
+    """--largest-component trains nothing: it reads (or makes) each finished run's re-scored evaluation and
+    writes its own table beside the protocol's; an unfinished run is a failure naming the command to run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = protocol_run_dir(out, [{"iteration": 1199, "sem_seg_volume/Dice": 0.79}], max_iter=1200)
+    os.rename(run, out / "mixed_seed1")
+    (out / "mixed_seed1" / "largest_component").mkdir()
+    rescored = {"sem_seg_volume/Dice": 0.81, "sem_seg_volume/Dice-RV": 0.75, "sem_seg_volume_teacher/Dice": 0.7,
+                "sem_seg_volume_teacher/Dice-RV": 0.6}
+    (out / "mixed_seed1" / "largest_component" / "eval_results.json").write_text(json.dumps(rescored))
+    rc = TOOL["main"](["--largest-component", "--arms", "mixed", "supervised_p3", "--seeds", "1", "--out", str(out)])
+    assert rc == 1
+    res = json.loads((out / "largest_component" / "results.json").read_text())
+    assert res["table"]["mixed"]["Dice"] == [0.81, 0.0, 1] and res["table"]["mixed (teacher)"]["Dice"][0] == 0.7
+    assert res["failures"] == [f"supervised_p3 seed 1 has no final results in {out}/supervised_p3_seed1: "
+                               "train it first"]
+    assert not (out / "results.md").exists()  # the protocol's own table is left alone
+
+
+def test_largest_component_rescoring_evaluates_the_final_model_with_the_switch(tmp_path, monkeypatch):
+    """A finished run without a re-scored evaluation gets one: train_net --eval-only of its config and final
+    weights, TEST.VOLUME_LARGEST_COMPONENT True, into <run>/largest_component; a second call reuses it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = protocol_run_dir(out, [{"iteration": 1199, "sem_seg_volume/Dice": 0.79}], max_iter=1200)
+    os.rename(run, out / "mixed_seed2")
+    run_dir = str(out / "mixed_seed2")
+    calls = []
+
+    def fake_train(root, config, opts, log_dir, threads, what):
+        calls.append((config, list(opts), log_dir))
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "eval_results.json"), "w") as f:
+            json.dump({"sem_seg_volume/Dice": 0.8}, f)
+
+    fn = TOOL["rescore_largest_component"]
+    monkeypatch.setitem(fn.__globals__, "train", fake_train)
+    args = type("Args", (), {"out": str(out), "threads": 1})()
+    assert fn("mixed", 2, args)["sem_seg_volume/Dice"] == 0.8
+    lc = os.path.join(run_dir, "largest_component")
+    assert calls == [(os.path.join(run_dir, "config.yaml"),
+                      ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", lc,
+                       "TEST.VOLUME_LARGEST_COMPONENT", "True"], lc)]
+    assert fn("mixed", 2, args)["sem_seg_volume/Dice"] == 0.8 and len(calls) == 1  # done once
