@@ -129,6 +129,8 @@ def test_real_weight_file_has_the_module_keys_and_gives_finite_features():
     model = mn.MobileNetV2(3, norm="FrozenBN").eval()
     assert list(ckpt["model"]) == list(model.state_dict()) and len(ckpt["model"]) == 255
     model.load_state_dict(ckpt["model"], strict=True)
+    inc = _load(build_model(_rcnn_cfg()), REAL)  # MODEL.WEIGHTS's path: suffix matching
+    assert not [k for k in inc.missing_keys if k.startswith("backbone.bottom_up.")] and not inc.unexpected_keys
     img = torch.as_tensor(_cell_image(128), dtype=torch.float32)[None].expand(3, -1, -1)
     x = ((img - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])[None]
     with torch.no_grad():
@@ -146,8 +148,12 @@ def test_fpn_backbone_names_strides_channels_and_shapes():
     assert {k: (s.channels, s.stride) for k, s in bottom.items()} == {
         "m2": (24, 4), "m3": (32, 8), "m4": (96, 16), "m5": (320, 32)}
     assert backbone.size_divisibility == 32 and len(backbone.bottom_up.features) == 18
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = backbone(torch.randn(1, 3, 64, 64))
+        out = backbone(x)
+        taps = backbone.bottom_up(x)
+        ends = {"m2": 4, "m3": 7, "m4": 14, "m5": 18}  # taken after features[3], [6], [13], [17]
+        assert all(torch.equal(taps[k], backbone.bottom_up.features[:n](x)) for k, n in ends.items())
     assert {k: tuple(v.shape) for k, v in out.items()} == {f"p{i}": (1, 32, 64 >> i, 64 >> i) for i in range(2, 7)}
 
 
@@ -244,7 +250,7 @@ def test_unet_segmentor_overfits_one_image():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.25 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses  # measured: 1.45 -> 0.019
 
 
 PREDICT = r"""
