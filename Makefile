@@ -9,12 +9,13 @@ STAMP := $(VENV)/.mmt_psm_setup
 
 setup: $(STAMP)
 
-$(STAMP): setup.py tools/install_detectron2.py Makefile
+$(STAMP): setup.py tools/install_detectron2.py tools/prepare_pretrained.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) tools/prepare_pretrained.py
 	touch $(STAMP)
 
 test: setup

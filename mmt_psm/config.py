@@ -1,8 +1,8 @@
 """``add_mmt_psm_config(cfg)``: every key this project adds to Detectron2's config, with defaults.
 
 It is the core's keys plus each task's: ``mmt_psm.core.config`` (``SEMI.*``, streams, splits),
-``mmt_psm.instance.config`` (``MODEL.MMT_PSM``, cell data and metrics), ``mmt_psm.networks.unet``
-(``MODEL.UNET``), ``mmt_psm.semantic.config`` (``MODEL.MIXED_SUP``, ``MODEL.LCC``, slices, volumes) and
+``mmt_psm.instance.config`` (``MODEL.MMT_PSM``, cell data and metrics), ``mmt_psm.networks`` (``MODEL.UNET``,
+``MODEL.MOBILENET``), ``mmt_psm.semantic.config`` (``MODEL.MIXED_SUP``, ``MODEL.LCC``, slices, volumes) and
 ``mmt_psm.nuclei.config`` (``MODEL.PSM``, ``PSM.*``). The defaults switch nothing on: a config that only calls
 this function trains a plain supervised model. Method defaults live in ``configs/*.yaml``.
 """
@@ -14,6 +14,7 @@ from detectron2.config import CfgNode as CN
 
 from mmt_psm.core.config import add_core_config
 from mmt_psm.instance.config import add_instance_config
+from mmt_psm.networks.mobilenet import add_mobilenet_config
 from mmt_psm.networks.unet import add_unet_config
 from mmt_psm.nuclei.config import add_nuclei_config
 from mmt_psm.semantic.config import add_semantic_config
@@ -26,6 +27,7 @@ def add_mmt_psm_config(cfg: CN) -> None:
     add_core_config(cfg)
     add_instance_config(cfg)
     add_unet_config(cfg)
+    add_mobilenet_config(cfg)
     add_semantic_config(cfg)
     add_nuclei_config(cfg)
 

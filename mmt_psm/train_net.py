@@ -40,6 +40,7 @@ from mmt_psm.core.atomic import write_json
 from mmt_psm.core.checkpoint import AtomicCheckpointer
 from mmt_psm.core.threads import install_thread_signal
 from mmt_psm.instance.user_datasets import register_datasets_from_config
+from mmt_psm.networks.mobilenet import check_pretrained_weights
 
 
 def setup(args) -> CfgNode:
@@ -54,6 +55,7 @@ def setup(args) -> CfgNode:
         logging.getLogger("mmt_psm").warning("SOLVER.AMP.ENABLED needs CUDA; training in fp32 on the CPU")
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
+    check_pretrained_weights(cfg.MODEL.WEIGHTS)  # a missing local file names the set-up tool that writes it
     default_setup(cfg, args)
     # this project's loggers (e.g. the cell-metrics table), as Detectron2's projects do
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mmt_psm")
