@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "cpu", "protocol.yaml")
 PRETRAIN = os.path.join(ROOT, "configs", "cpu", "pretrain_synth45.yaml")
 SPLIT = "datasets/splits/isbi2015_train_n2_seed{s}.json"
+SPLIT_N1 = "datasets/splits/isbi2015_train_n1_seed{s}.json"
 UNLABELED = {"DATASETS.TRAIN_UNLABELED": "('isbi2015_unlabeled',)", "SEMI.IMS_PER_BATCH_UNLABELED": "2"}
 SUPERVISED = {"DATASETS.TRAIN_UNLABELED": "()", "SEMI.IMS_PER_BATCH_UNLABELED": "0"}
 MEAN_TEACHER = {"MODEL.MMT_PSM.NUM_TEACHER_COPIES": "1", "MODEL.MMT_PSM.TEACHER_FLIP": "False",
@@ -60,6 +61,7 @@ PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "T
 # configs/mmt_psm_plus_R50.yaml since 2026-11-25: PLUS + the cap (protocol arm mmt_psm_plus_cap16)
 PLUS_CONFIG = {**PLUS, "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES": "16"}
 ARMS: Dict[str, Dict[str, str]] = {
+    "supervised_n1": {"DATASETS.SPLIT_FILE": SPLIT_N1, **SUPERVISED},
     "supervised_n2": {"DATASETS.SPLIT_FILE": SPLIT, **SUPERVISED},
     "mean_teacher": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **MEAN_TEACHER},
     "mmt_psm": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED},
@@ -128,12 +130,12 @@ def is_teacher_student(arm: str) -> bool:
     return ARMS[arm]["DATASETS.TRAIN_UNLABELED"] != SUPERVISED["DATASETS.TRAIN_UNLABELED"]
 
 
-def burn_in_checkpoint(out: str, seed: int, opts: List[str]) -> str:
+def burn_in_checkpoint(out: str, seed: int, opts: List[str], base: str = BASE) -> str:
     """supervised_n2's checkpoint after iteration ``SEMI.BURN_IN_ITERS - 1`` (the protocol config + ``opts``);
     a ValueError when no periodic checkpoint falls on that iteration."""
     from mmt_psm.config import load_config
 
-    cfg = load_config(BASE, opts)
+    cfg = load_config(base, opts)
     burn_in, period = cfg.SEMI.BURN_IN_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD
     if burn_in <= 0 or burn_in % period:
         raise ValueError(f"--share-burn-in needs a checkpoint after iteration SEMI.BURN_IN_ITERS - 1: "
@@ -163,14 +165,15 @@ def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace,
     ``args.share_burn_in`` a teacher-student arm starts from supervised_n2's burn-in checkpoint, waiting for it
     until ``sup_ended[seed]`` is set, which supervised_n2 does when it ends."""
     run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
+    base = getattr(args, "base", BASE)
     overrides = {"MODEL.WEIGHTS": weights, **ARMS[arm]}
     if args.share_burn_in and is_teacher_student(arm):
-        shared = burn_in_checkpoint(args.out, seed, args.opts)
+        shared = burn_in_checkpoint(args.out, seed, args.opts, base)
         overrides["SEMI.BURN_IN_CHECKPOINT"] = shared
         if final_results(run_dir) is None and not args.report_only:
             wait_for(shared, sup_ended[seed], f"{arm} seed {seed}")
     try:
-        return run_arm(ROOT, arm, seed, run_dir, BASE, overrides, args, final_results, _describe)
+        return run_arm(ROOT, arm, seed, run_dir, base, overrides, args, final_results, _describe)
     finally:
         if arm == "supervised_n2":
             sup_ended[seed].set()
@@ -193,6 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 12])
     p.add_argument("--weights", default="", help="shared start of every arm (default: pre-train on synth45)")
+    p.add_argument("--base", default=BASE, help="the arms' config (default configs/cpu/protocol.yaml; "
+                   "configs/cpu/pretrained_protocol.yaml starts from ImageNet MobileNetV2 with --weights)")
     p.add_argument("--out", default=os.path.join(ROOT, "output", "isbi_protocol"))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -201,13 +206,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="teacher-student arms start from supervised_n2's burn-in checkpoint of the same seed")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
     args = p.parse_args(argv)
+    splits = {ARMS[a]["DATASETS.SPLIT_FILE"] for a in args.arms} - {"''"}
     for s in args.seeds:
-        if not os.path.isfile(os.path.join(ROOT, SPLIT.format(s=s))):
-            p.error(f"no split file {SPLIT.format(s=s)}: python tools/make_splits.py --dataset isbi2015_train "
-                    f"--count 2 --seed {s} --out {SPLIT.format(s=s)}")
+        for split in sorted(splits):
+            if not os.path.isfile(os.path.join(ROOT, split.format(s=s))):
+                count = 1 if split == SPLIT_N1 else 2
+                p.error(f"no split file {split.format(s=s)}: python tools/make_splits.py --dataset isbi2015_train "
+                        f"--count {count} --seed {s} --out {split.format(s=s)}")
     if args.share_burn_in:
         try:
-            shared = {s: burn_in_checkpoint(args.out, s, args.opts) for s in args.seeds}
+            shared = {s: burn_in_checkpoint(args.out, s, args.opts, args.base) for s in args.seeds}
         except ValueError as e:
             p.error(str(e))
         missing = [s for s in args.seeds if not os.path.isfile(shared[s])]

@@ -152,3 +152,28 @@ def test_share_burn_in_errors(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--share-burn-in", "--out", str(tmp_path / "x")])
     assert started == []
+
+
+def test_base_config_and_one_frame_arm(tmp_path, monkeypatch, capsys):
+    """``--base`` trains every arm on that config (here the ImageNet MobileNetV2 protocol), and ``supervised_n1``
+    needs its own 1-frame split file (named in the error)."""
+    with pytest.raises(SystemExit):
+        TOOL["main"](["--arms", "supervised_n1", "--seeds", "987", "--report-only"])
+    assert "make_splits.py --dataset isbi2015_train --count 1 --seed 987" in capsys.readouterr().err
+    calls = []
+    g = TOOL["run_one"].__globals__
+    monkeypatch.setitem(g, "run_arm", lambda root, arm, seed, run_dir, config, overrides, *a: calls.append(
+        (arm, config, overrides["DATASETS.SPLIT_FILE"])) or {"segm/AP": 1.0})
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    base = os.path.join(REPO, "configs", "cpu", "pretrained_protocol.yaml")
+    rc = TOOL["main"](["--arms", "supervised_n1", "supervised_n6", "--seeds", "1", "--base", base,
+                       "--weights", str(weights), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert sorted(calls) == [("supervised_n1", base, TOOL["SPLIT_N1"]), ("supervised_n6", base, "''")]
+    cfg = get_cfg()
+    add_mmt_psm_config(cfg)
+    cfg.merge_from_file(base)  # the pretrained protocol differs from the default one only in its start
+    assert cfg.MODEL.BACKBONE.NAME == "build_mobilenet_v2_fpn_backbone"
+    assert cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN"
+    assert cfg.SOLVER.MAX_ITER == _arm_cfg("supervised_n2").SOLVER.MAX_ITER
