@@ -10,7 +10,8 @@ meta-architecture (``MMTPSMRCNN``), schedule, labeled stream (``SEED``/``DATALOA
 and student box-head dropout; they differ only in what the protocol compares:
 
 * ``supervised_n2``: the seed's 2 labeled frames (``datasets/splits/isbi2015_train_n2_seed<S>.json``), no
-  unlabeled stream. Its student is plain supervised training; its teacher is the student's EMA (the control
+  unlabeled stream (``supervised_n1``: 1 frame; ``--scarce supervised_n1`` gives the teacher-student arms its
+  split and burn-in instead). Its student is plain supervised training; its teacher is the student's EMA (the control
   that separates "EMA weights" from "unlabeled data").
 * ``mean_teacher``: + the other 4 train frames and the 4 EDF images unlabeled, plain Mean Teacher switches.
 * ``mmt_psm``: the paper's method (``configs/mmt_psm_R50.yaml`` switches).
@@ -130,9 +131,10 @@ def is_teacher_student(arm: str) -> bool:
     return ARMS[arm]["DATASETS.TRAIN_UNLABELED"] != SUPERVISED["DATASETS.TRAIN_UNLABELED"]
 
 
-def burn_in_checkpoint(out: str, seed: int, opts: List[str], base: str = BASE) -> str:
-    """supervised_n2's checkpoint after iteration ``SEMI.BURN_IN_ITERS - 1`` (the protocol config + ``opts``);
-    a ValueError when no periodic checkpoint falls on that iteration."""
+def burn_in_checkpoint(out: str, seed: int, opts: List[str], base: str = BASE,
+                      scarce: str = "supervised_n2") -> str:
+    """The scarce arm's (supervised_n2 by default) checkpoint after iteration ``SEMI.BURN_IN_ITERS - 1`` (the
+    protocol config + ``opts``); a ValueError when no periodic checkpoint falls on that iteration."""
     from mmt_psm.config import load_config
 
     cfg = load_config(base, opts)
@@ -140,7 +142,7 @@ def burn_in_checkpoint(out: str, seed: int, opts: List[str], base: str = BASE) -
     if burn_in <= 0 or burn_in % period:
         raise ValueError(f"--share-burn-in needs a checkpoint after iteration SEMI.BURN_IN_ITERS - 1: "
                          f"BURN_IN_ITERS {burn_in} must be a positive multiple of SOLVER.CHECKPOINT_PERIOD {period}")
-    return os.path.join(out, f"supervised_n2_seed{seed}", f"model_{burn_in - 1:07d}.pth")
+    return os.path.join(out, f"{scarce}_seed{seed}", f"model_{burn_in - 1:07d}.pth")
 
 
 def wait_for(path: str, gave_up: threading.Event, what: str) -> None:
@@ -151,11 +153,12 @@ def wait_for(path: str, gave_up: threading.Event, what: str) -> None:
         time.sleep(POLL_S)
 
 
-def order_jobs(arms: List[str], seeds: List[int], share_burn_in: bool) -> List[Tuple[str, int]]:
-    """Seed-major (a whole seed before the next); with ``share_burn_in`` supervised_n2 first in every seed, so a
+def order_jobs(arms: List[str], seeds: List[int], share_burn_in: bool,
+               scarce: str = "supervised_n2") -> List[Tuple[str, int]]:
+    """Seed-major (a whole seed before the next); with ``share_burn_in`` the scarce arm first in every seed, so a
     teacher-student run never waits on a run queued behind it."""
     if share_burn_in:
-        arms = sorted(arms, key=lambda a: a != "supervised_n2")
+        arms = sorted(arms, key=lambda a: a != scarce)
     return [(a, s) for s in seeds for a in arms]
 
 
@@ -165,17 +168,19 @@ def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace,
     ``args.share_burn_in`` a teacher-student arm starts from supervised_n2's burn-in checkpoint, waiting for it
     until ``sup_ended[seed]`` is set, which supervised_n2 does when it ends."""
     run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
-    base = getattr(args, "base", BASE)
+    base, scarce = getattr(args, "base", BASE), getattr(args, "scarce", "supervised_n2")
     overrides = {"MODEL.WEIGHTS": weights, **ARMS[arm]}
+    if is_teacher_student(arm):  # the scarce arm's labeled frames
+        overrides["DATASETS.SPLIT_FILE"] = ARMS[scarce]["DATASETS.SPLIT_FILE"]
     if args.share_burn_in and is_teacher_student(arm):
-        shared = burn_in_checkpoint(args.out, seed, args.opts, base)
+        shared = burn_in_checkpoint(args.out, seed, args.opts, base, scarce)
         overrides["SEMI.BURN_IN_CHECKPOINT"] = shared
         if final_results(run_dir) is None and not args.report_only:
             wait_for(shared, sup_ended[seed], f"{arm} seed {seed}")
     try:
         return run_arm(ROOT, arm, seed, run_dir, base, overrides, args, final_results, _describe)
     finally:
-        if arm == "supervised_n2":
+        if arm == scarce:
             sup_ended[seed].set()
 
 
@@ -202,6 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    p.add_argument("--scarce", default="supervised_n2", choices=["supervised_n2", "supervised_n1"],
+                   help="the scarce-label arm: the teacher-student arms train on its labeled frames (and, with "
+                        "--share-burn-in, start from its burn-in checkpoint)")
     p.add_argument("--share-burn-in", action="store_true",
                    help="teacher-student arms start from supervised_n2's burn-in checkpoint of the same seed")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
@@ -215,18 +223,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"--count {count} --seed {s} --out {split.format(s=s)}")
     if args.share_burn_in:
         try:
-            shared = {s: burn_in_checkpoint(args.out, s, args.opts, args.base) for s in args.seeds}
+            shared = {s: burn_in_checkpoint(args.out, s, args.opts, args.base, args.scarce) for s in args.seeds}
         except ValueError as e:
             p.error(str(e))
         missing = [s for s in args.seeds if not os.path.isfile(shared[s])]
-        if missing and "supervised_n2" not in args.arms and not args.report_only:
-            p.error(f"--share-burn-in: no burn-in checkpoint of supervised_n2 for seed(s) {missing} "
-                    f"({shared[missing[0]]}); add supervised_n2 to --arms")
+        if missing and args.scarce not in args.arms and not args.report_only:
+            p.error(f"--share-burn-in: no burn-in checkpoint of {args.scarce} for seed(s) {missing} "
+                    f"({shared[missing[0]]}); add {args.scarce} to --arms")
     weights = "" if args.report_only else ensure_pretrained(args)
-    jobs = order_jobs(args.arms, args.seeds, args.share_burn_in)
+    jobs = order_jobs(args.arms, args.seeds, args.share_burn_in, args.scarce)
     print(f"{len(jobs)} runs: " + ", ".join(f"{a}/s{s}" for a, s in jobs), flush=True)
     sup_ended = {s: threading.Event() for s in args.seeds}
-    if args.share_burn_in and "supervised_n2" not in args.arms:
+    if args.share_burn_in and args.scarce not in args.arms:
         for event in sup_ended.values():
             event.set()  # its checkpoints exist (checked above); nothing will write them
     results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, weights, args, sup_ended), args.jobs)

@@ -177,3 +177,28 @@ def test_base_config_and_one_frame_arm(tmp_path, monkeypatch, capsys):
     assert cfg.MODEL.BACKBONE.NAME == "build_mobilenet_v2_fpn_backbone"
     assert cfg.MODEL.META_ARCHITECTURE == "MMTPSMRCNN"
     assert cfg.SOLVER.MAX_ITER == _arm_cfg("supervised_n2").SOLVER.MAX_ITER
+
+
+def test_scarce_one_frame_arm_gives_the_teacher_student_arms_its_split_and_burn_in(tmp_path, monkeypatch):
+    started = []
+    _fake_runs(monkeypatch, started)
+    g = TOOL["run_one"].__globals__
+    fake = g["run_arm"]
+
+    def run_arm(root, arm, seed, run_dir, config, overrides, args, final, describe):  # n1 writes the checkpoint
+        if arm == "supervised_n1":
+            ckpt = os.path.join(args.out, "supervised_n1_seed1", "model_0000049.pth")
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            open(ckpt, "w").close()
+        return fake(root, arm, seed, run_dir, config, overrides, args, final, describe)
+
+    monkeypatch.setitem(g, "run_arm", run_arm)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    out = tmp_path / "out"
+    rc = TOOL["main"](["--arms", "mmt_psm", "supervised_n1", "--seeds", "1", "--jobs", "2", "--scarce",
+                       "supervised_n1", "--share-burn-in", "--weights", str(weights), "--out", str(out)])
+    assert rc == 0
+    by_arm = {arm: ov for arm, _, ov, _ in started}
+    assert by_arm["mmt_psm"]["DATASETS.SPLIT_FILE"] == TOOL["SPLIT_N1"]
+    assert by_arm["mmt_psm"]["SEMI.BURN_IN_CHECKPOINT"] == str(out / "supervised_n1_seed1" / "model_0000049.pth")
