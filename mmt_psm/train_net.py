@@ -22,10 +22,8 @@ frees up) and gives one back on ``SIGUSR2``.
 """
 from __future__ import annotations
 
-import logging
 import os
 
-import torch
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
@@ -45,15 +43,9 @@ from mmt_psm.networks.mobilenet import check_pretrained_weights
 
 def setup(args) -> CfgNode:
     """Build the frozen config from ``--config-file`` and overrides, and set up logging and the output dir."""
+    # the device resolved against this machine: no CUDA -> the CPU with a warning, except for a CUDA device asked
+    # for on the command line (an error); AMP off on the CPU (mmt_psm.core.device)
     cfg = load_config(args.config_file, args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"{args.config_file}: MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available; "
-            "add 'MODEL.DEVICE cpu' to the command line"
-        )
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        logging.getLogger("mmt_psm").warning("SOLVER.AMP.ENABLED needs CUDA; training in fp32 on the CPU")
-        cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     check_pretrained_weights(cfg.MODEL.WEIGHTS)  # a missing local file names the set-up tool that writes it
     default_setup(cfg, args)

@@ -31,6 +31,7 @@ from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from mmt_psm.core.checkpoint import AtomicCheckpointer, TrainingStateHook
+from mmt_psm.core.device import resolve_device
 from mmt_psm.core.ema import EMATeacherHook, unwrap_model
 from mmt_psm.core.loader import TwoStreamLoader, build_stream_loader
 from mmt_psm.core.registry import (
@@ -72,6 +73,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         cfg = cfg.clone()
         cfg.defrost()
+        resolve_device(cfg)  # no CUDA -> the CPU (one warning), for configs built without load_config too
         if cfg.DATALOADER.STREAM_SEED < 0:
             cfg.DATALOADER.STREAM_SEED = comm.shared_random_seed() % (2**31)
         cfg.freeze()
