@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
@@ -65,6 +65,23 @@ def images_per_gpu(cfg: CfgNode) -> tuple:
     if cfg.SOLVER.IMS_PER_BATCH % world:
         raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by {world} GPUs")
     return cfg.SOLVER.IMS_PER_BATCH // world, 0
+
+
+def load_step_state(step_trainer: SimpleTrainer, state: Dict[str, Any]) -> None:
+    """Load a checkpoint's ``_trainer`` state (iteration, optimizer, and with AMP the gradient scaler) into
+    Detectron2's Simple/AMPTrainer, across an AMP switch: a checkpoint written without AMP (no or an empty
+    ``grad_scaler``) resumes an AMP run with a fresh scaler, one written with AMP resumes an fp32 run without its
+    scaler; each with a warning."""
+    scaler = getattr(step_trainer, "grad_scaler", None)
+    saved = state.get("grad_scaler")
+    if scaler is not None and not saved:
+        logger.warning("Resuming with AMP from a checkpoint written without it (no grad_scaler state): the gradient "
+                       "scaler starts from its initial scale")
+        SimpleTrainer.load_state_dict(step_trainer, state)
+        return
+    if scaler is None and saved:
+        logger.warning("Resuming without AMP from a checkpoint written with it: its grad_scaler state is not used")
+    step_trainer.load_state_dict(state)
 
 
 class Trainer(DefaultTrainer):
@@ -141,7 +158,7 @@ class Trainer(DefaultTrainer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            load_step_state(self._trainer, state_dict["_trainer"])
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
