@@ -67,6 +67,19 @@ def images_per_gpu(cfg: CfgNode) -> tuple:
     return cfg.SOLVER.IMS_PER_BATCH // world, 0
 
 
+def log_images_per_step(cfg: CfgNode) -> str:
+    """Log (and return) the images of one step per GPU and in total: ``SEMI.IMS_PER_BATCH_*`` are per GPU while
+    Detectron2's ``SOLVER.IMS_PER_BATCH`` is the total, so this line says what a run with N GPUs trains on."""
+    world = comm.get_world_size()
+    n_lab, n_unl = images_per_gpu(cfg)
+    source = "SEMI.IMS_PER_BATCH_LABELED/_UNLABELED, per GPU" if cfg.SEMI.IMS_PER_BATCH_LABELED > 0 else \
+        "SOLVER.IMS_PER_BATCH, the total"
+    msg = (f"Images per step: {n_lab} labeled + {n_unl} unlabeled per GPU x {world} GPU(s) = {n_lab * world} "
+           f"labeled + {n_unl * world} unlabeled in total (from {source})")
+    logger.info(msg)
+    return msg
+
+
 def load_step_state(step_trainer: SimpleTrainer, state: Dict[str, Any]) -> None:
     """Load a checkpoint's ``_trainer`` state (iteration, optimizer, and with AMP the gradient scaler) into
     Detectron2's Simple/AMPTrainer, across an AMP switch: a checkpoint written without AMP (no or an empty
@@ -96,6 +109,7 @@ class Trainer(DefaultTrainer):
         cfg.freeze()
         register_config_datasets(cfg)  # e.g. DATASETS.REGISTER (no-op when train_net did it already)
         self.data_seed = cfg.DATALOADER.STREAM_SEED
+        log_images_per_step(cfg)
         super().__init__(cfg)
 
     # ------------------------------------------------------------------ data
