@@ -8,6 +8,8 @@ What it changes, and why:
 - data sets the config names (e.g. ``DATASETS.REGISTER``) registered on construction, and the registered
   data-set checks (e.g. class counts) run on every training and test set;
 - evaluators by each test set's ``evaluator_type``;
+- every rank checks the losses of every step (a NaN/inf on one rank stops all ranks, not only rank 0;
+  ``mmt_psm.core.step_guards``);
 - for models with an EMA teacher: the EMA hook, and evaluation of the reported model (SEMI.EVAL_WITH) and, when
   SEMI.EVAL_BOTH, of the other one (suffixed); TEST.AUG runs Detectron2's TTA on the reported model;
 - the hooks tasks register (e.g. the pseudo-label monitor), after the EMA hook;
@@ -43,6 +45,7 @@ from mmt_psm.core.registry import (
     register_config_datasets,
 )
 from mmt_psm.core.splits import check_split_base, register_split
+from mmt_psm.core.step_guards import install_finite_loss_check
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class Trainer(DefaultTrainer):
         self.data_seed = cfg.DATALOADER.STREAM_SEED
         log_images_per_step(cfg)
         super().__init__(cfg)
+        install_finite_loss_check(self._trainer)  # a NaN/inf loss on any rank stops every rank (step_guards)
 
     # ------------------------------------------------------------------ data
     @classmethod
