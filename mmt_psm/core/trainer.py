@@ -8,8 +8,9 @@ What it changes, and why:
 - data sets the config names (e.g. ``DATASETS.REGISTER``) registered on construction, and the registered
   data-set checks (e.g. class counts) run on every training and test set;
 - evaluators by each test set's ``evaluator_type``;
-- every rank checks the losses of every step (a NaN/inf on one rank stops all ranks, not only rank 0;
-  ``mmt_psm.core.step_guards``);
+- every rank checks the losses of every step (a NaN/inf on one rank stops all ranks, not only rank 0); with
+  more than one rank (or AMP), every model's BatchNorm statistics are averaged across ranks after each step, and a
+  non-finite step is undone for them and kept from the teacher (``mmt_psm.core.step_guards``);
 - for models with an EMA teacher: the EMA hook, and evaluation of the reported model (SEMI.EVAL_WITH) and, when
   SEMI.EVAL_BOTH, of the other one (suffixed); TEST.AUG runs Detectron2's TTA on the reported model;
 - the hooks tasks register (e.g. the pseudo-label monitor), after the EMA hook;
@@ -45,7 +46,7 @@ from mmt_psm.core.registry import (
     register_config_datasets,
 )
 from mmt_psm.core.splits import check_split_base, register_split
-from mmt_psm.core.step_guards import install_finite_loss_check
+from mmt_psm.core.step_guards import NormStatisticsHook, install_finite_loss_check
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,10 @@ class Trainer(DefaultTrainer):
         if hasattr(model, "teacher_student_pairs") and list(model.teacher_student_pairs()):
             s = self.cfg.SEMI
             extra.insert(0, EMATeacherHook(s.EMA_DECAY, s.EMA_START_ITER, s.BURN_IN_ITERS, s.COPY_TEACHER_AT_BURN_IN))
+        if comm.get_world_size() > 1 or self.cfg.SOLVER.AMP.ENABLED:
+            # every model's rank-local BN statistics averaged across ranks; a non-finite (e.g. fp16-overflow) step
+            # undone for them and kept from the teacher: before the EMA hook
+            extra.insert(0, NormStatisticsHook())
         extra += build_task_hooks(self.cfg)
         # after IterationTimer/LRScheduler, before the checkpointer and evaluation, which must see the new teacher
         return hooks[:2] + extra + hooks[2:]

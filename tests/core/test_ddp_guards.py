@@ -1,5 +1,7 @@
 """Two gloo processes running real Trainers on CPU: a NaN loss on one rank stops both ranks with the same
-FloatingPointError (no hang)."""
+FloatingPointError (no hang); every model's BatchNorm running statistics (supervised Mask R-CNN, U-Net
+SemanticSegmentor, MixedSupervisionSegmentor, PSMNucleiSegmentor) are one model on every rank after training,
+although each rank normalised other images."""
 from __future__ import annotations
 
 import os
@@ -78,6 +80,23 @@ def _configs(root):
     return cfgs
 
 
+def _bn_run(rank, root):
+    from mmt_psm.core import Trainer
+
+    _register(root)
+    result = {}
+    for name, cfg in _configs(root).items():
+        torch.manual_seed(rank)
+        trainer = Trainer(cfg)
+        model = trainer.model.module
+        init = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+        assert init, f"{name}: no BatchNorm statistics"
+        trainer.train()
+        state = model.state_dict()
+        result[name] = {"init": init, "final": {k: state[k].clone() for k in init}}
+    torch.save(result, os.path.join(root, f"bn_rank{rank}.pth"))
+
+
 def _prepare(tmp_path):
     from mmt_psm.nuclei.pipeline.ground_truth import run_supervised_labels
     from mmt_psm.nuclei.pipeline.label_files import resolve_images
@@ -89,6 +108,18 @@ def _prepare(tmp_path):
     write_tiles(tiles, n=2, size=(48, 48), gt_folder=gt)
     run_supervised_labels(resolve_images(tiles, gt), os.path.join(root, "psm_labels"), gt, log=lambda m: None)
     return root
+
+
+def test_every_models_bn_statistics_are_one_model_on_every_rank(tmp_path):
+    root = _prepare(tmp_path)
+    _launch(_bn_run, tmp_path, "bn", root, timeout=240)
+    r0, r1 = (torch.load(os.path.join(root, f"bn_rank{r}.pth"), weights_only=True) for r in (0, 1))
+    assert set(r0) == {"mask_rcnn", "SemanticSegmentor", "MixedSupervisionSegmentor", "PSMNucleiSegmentor"}
+    for name in r0:
+        final0, final1, init = r0[name]["final"], r1[name]["final"], r0[name]["init"]
+        differ = [k for k in final0 if not torch.equal(final0[k], final1[k])]
+        assert not differ, (name, differ[:5])
+        assert any(not torch.equal(final0[k], init[k]) for k in init), name  # training did move them
 
 
 def _nan_run(rank, root):
