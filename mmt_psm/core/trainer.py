@@ -15,7 +15,7 @@ What it changes, and why:
   SEMI.EVAL_BOTH, of the other one (suffixed); TEST.AUG runs Detectron2's TTA on the reported model;
 - the hooks tasks register (e.g. the pseudo-label monitor), after the EMA hook;
 - checkpoints: written atomically and holding the optimizer / grad-scaler state (detectron2 v0.6's
-  DefaultTrainer omits it) and the RNG state, so ``--resume`` continues exactly.
+  DefaultTrainer omits it) and every rank's RNG state, so ``--resume`` continues exactly.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import hooks as d2_hooks
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
@@ -160,7 +161,8 @@ class Trainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         hooks = super().build_hooks()
-        extra = [TrainingStateHook()]
+        state_hook = TrainingStateHook()
+        extra = [state_hook]
         model = unwrap_model(self._trainer.model)
         if hasattr(model, "teacher_student_pairs") and list(model.teacher_student_pairs()):
             s = self.cfg.SEMI
@@ -171,7 +173,11 @@ class Trainer(DefaultTrainer):
             extra.insert(0, NormStatisticsHook())
         extra += build_task_hooks(self.cfg)
         # after IterationTimer/LRScheduler, before the checkpointer and evaluation, which must see the new teacher
-        return hooks[:2] + extra + hooks[2:]
+        hooks = hooks[:2] + extra + hooks[2:]
+        # every rank's RNG state gathered right before the checkpointer writes it (PreciseBN, which draws, runs
+        # earlier); the checkpointer is rank 0's only: the other ranks gather at the same place, before evaluation
+        at = next(i for i, h in enumerate(hooks) if isinstance(h, (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook)))
+        return hooks[:at] + [state_hook.gather_hook()] + hooks[at:]
 
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()

@@ -161,3 +161,46 @@ def test_nan_loss_on_one_rank_stops_every_rank(tmp_path):
         assert "rank 1: {'loss_sem_seg': nan}" in outcome and "rank 0:" not in outcome, outcome
         assert last == "iter 1", (rank, last)  # stopped in the step that went wrong, before the optimizer step
     assert time.time() - start < 60
+
+
+def _resume_run(rank, root, full, part):
+    """An uninterrupted 4-iteration run, then (same processes) a run resumed from its checkpoint after 2."""
+    import random
+    import shutil
+
+    import numpy as np
+    from detectron2.utils import comm
+
+    from mmt_psm.core import Trainer
+
+    _register(root)
+    for out_dir, resume in ((full, False), (part, True)):
+        if resume and rank == 0:  # the interrupted run's folder: only what existed after iteration 2
+            os.makedirs(part)
+            shutil.copy(os.path.join(full, "model_0000001.pth"), part)
+            with open(os.path.join(part, "last_checkpoint"), "w") as f:
+                f.write("model_0000001.pth")
+        comm.synchronize()
+        cfg = _configs(root)["SemanticSegmentor"]  # U-Net with dropout: training draws from each rank's RNGs
+        cfg.merge_from_list(["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "OUTPUT_DIR", out_dir])
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        torch.save({"start": trainer.start_iter, "model": trainer.model.module.state_dict(),
+                    "next": [random.random(), float(np.random.rand()), float(torch.rand(1))]},
+                   os.path.join(out_dir, f"resume_rank{rank}.pth"))
+        comm.synchronize()
+
+
+def test_resume_continues_every_ranks_own_rng_stream(tmp_path):
+    root = _prepare(tmp_path)
+    full, part = os.path.join(root, "full"), os.path.join(root, "part")
+    _launch(_resume_run, tmp_path, "resume", root, full, part, timeout=120)
+    a = [torch.load(os.path.join(full, f"resume_rank{r}.pth"), weights_only=True) for r in (0, 1)]
+    b = [torch.load(os.path.join(part, f"resume_rank{r}.pth"), weights_only=True) for r in (0, 1)]
+    assert [x["start"] for x in b] == [2, 2]
+    assert a[0]["next"] != a[1]["next"]  # each rank draws its own numbers
+    for r in (0, 1):
+        assert b[r]["next"] == a[r]["next"], r  # ... and after a resume the same ones as without it
+        differ = [k for k in a[r]["model"] if not torch.equal(a[r]["model"][k], b[r]["model"][k])]
+        assert not differ, (r, differ[:5])
