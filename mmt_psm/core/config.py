@@ -24,6 +24,9 @@ def add_core_config(cfg: CN) -> None:
     # rest of the split's base data set to the unlabeled stream.
     _C.DATASETS.SPLIT_FILE = ""
     # Seed of the training streams' order and augmentations (-1: drawn once per run, saved in checkpoints).
+    # A resume continues with the uninterrupted run's batches at any iteration and with any
+    # DATALOADER.NUM_WORKERS (mmt_psm.core.loader), as long as the mappers draw their randomness from python's,
+    # numpy's and torch's global RNGs (seeded per sample from this seed and the sample's stream position).
     _C.DATALOADER.STREAM_SEED = -1
 
 
