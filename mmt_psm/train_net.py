@@ -15,6 +15,10 @@ are registered in ``setup`` (in every process), before the Trainer is built, e.g
         DATASETS.TEST '("cells_test",)' DATASETS.TRAIN_UNLABELED '("cells_unl",)' DATASETS.SPLIT_FILE '""' \
         MODEL.ROI_HEADS.NUM_CLASSES 1
 
+The shipped configs set no ``MODEL.DEVICE``: training runs on CUDA where there is a GPU and falls back to the CPU
+(one warning, AMP off) where there is none; ``MODEL.DEVICE cuda`` on the command line without CUDA is an error
+(``mmt_psm.core.device``). ``SEMI.IMS_PER_BATCH_*`` are per GPU (the Trainer logs per-GPU and total images per step).
+
 ``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``). ``--eval-only``
 also writes the flattened results (``task/metric``) to ``OUTPUT_DIR/eval_results.json``. On POSIX, a running
 training takes one more CPU thread on ``SIGUSR1`` (``kill -USR1 PID``; ``tools/quickstart.py`` sends it when a core

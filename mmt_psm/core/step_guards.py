@@ -21,6 +21,7 @@ is undone for them instead.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, List, Mapping, Tuple
 
 import torch
@@ -53,7 +54,7 @@ def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -
         dist.all_reduce(bad)
     if bad.item() == 0:  # the step's one host sync of this check
         return
-    mine = {k: float(v) for k, v in zip(loss_dict.keys(), values.tolist()) if not torch.isfinite(torch.tensor(v))}
+    mine = {k: v for k, v in zip(loss_dict.keys(), values.tolist()) if not math.isfinite(v)}
     per_rank = comm.all_gather(mine) if _world() > 1 else [mine]
     detail = "; ".join(f"rank {r}: {terms}" for r, terms in enumerate(per_rank) if terms)
     raise FloatingPointError(f"Loss became infinite or NaN at iteration={iteration} ({detail}); every rank stops")
