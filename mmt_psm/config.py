@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from detectron2.config import CfgNode as CN
 
 from mmt_psm.core.config import add_core_config
+from mmt_psm.core.device import requested_device, resolve_device
 from mmt_psm.instance.config import add_instance_config
 from mmt_psm.networks.mobilenet import add_mobilenet_config
 from mmt_psm.networks.unet import add_unet_config
@@ -34,13 +35,16 @@ def add_mmt_psm_config(cfg: CN) -> None:
 
 def load_config(config_file: str, opts: Optional[Sequence[str]] = None, freeze: bool = False) -> CN:
     """Detectron2's defaults + this project's keys, ``config_file`` (with its bases) and ``KEY VALUE`` overrides
-    merged; frozen when ``freeze``."""
+    merged, the device resolved against this machine (:func:`mmt_psm.core.device.resolve_device`: no CUDA ->
+    the CPU, with a warning; a CUDA ``MODEL.DEVICE`` override in ``opts`` without CUDA is an error); frozen when
+    ``freeze``."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_mmt_psm_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
+    resolve_device(cfg, requested_device(opts))
     if freeze:
         cfg.freeze()
     return cfg

@@ -15,6 +15,10 @@ are registered in ``setup`` (in every process), before the Trainer is built, e.g
         DATASETS.TEST '("cells_test",)' DATASETS.TRAIN_UNLABELED '("cells_unl",)' DATASETS.SPLIT_FILE '""' \
         MODEL.ROI_HEADS.NUM_CLASSES 1
 
+The shipped configs set no ``MODEL.DEVICE``: training runs on CUDA where there is a GPU and falls back to the CPU
+(one warning, AMP off) where there is none; ``MODEL.DEVICE cuda`` on the command line without CUDA is an error
+(``mmt_psm.core.device``). ``SEMI.IMS_PER_BATCH_*`` are per GPU (the Trainer logs per-GPU and total images per step).
+
 ``TEST.AUG.ENABLED True`` adds Detectron2's test-time augmentation (results suffixed ``_TTA``). ``--eval-only``
 also writes the flattened results (``task/metric``) to ``OUTPUT_DIR/eval_results.json``. On POSIX, a running
 training takes one more CPU thread on ``SIGUSR1`` (``kill -USR1 PID``; ``tools/quickstart.py`` sends it when a core
@@ -22,10 +26,8 @@ frees up) and gives one back on ``SIGUSR2``.
 """
 from __future__ import annotations
 
-import logging
 import os
 
-import torch
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
@@ -45,15 +47,9 @@ from mmt_psm.networks.mobilenet import check_pretrained_weights
 
 def setup(args) -> CfgNode:
     """Build the frozen config from ``--config-file`` and overrides, and set up logging and the output dir."""
+    # the device resolved against this machine: no CUDA -> the CPU with a warning, except for a CUDA device asked
+    # for on the command line (an error); AMP off on the CPU (mmt_psm.core.device)
     cfg = load_config(args.config_file, args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"{args.config_file}: MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA device is available; "
-            "add 'MODEL.DEVICE cpu' to the command line"
-        )
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        logging.getLogger("mmt_psm").warning("SOLVER.AMP.ENABLED needs CUDA; training in fp32 on the CPU")
-        cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     check_pretrained_weights(cfg.MODEL.WEIGHTS)  # a missing local file names the set-up tool that writes it
     default_setup(cfg, args)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Tuple
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.config import load_config
 from mmt_psm.instance.datasets import register_cell_coco
 from mmt_psm.instance.synthetic import write_synthetic_dataset
 
@@ -29,9 +29,8 @@ def tiny_synthetic(root: str, prefix: str = "tiny", size: int = 128, n_train: in
 
 def tiny_cfg(output_dir: str, prefix: str = "tiny", meta: str = "GeneralizedRCNN", size: int = 128) -> CfgNode:
     """The quickstart config shrunk to ``size`` px, 2+2 images per step, for tests (CPU, seconds per step)."""
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "quickstart", "Base-Quickstart.yaml"))
+    # load_config: the device resolved as every entry point does it (no CUDA here -> the CPU)
+    cfg = load_config(os.path.join(REPO, "configs", "quickstart", "Base-Quickstart.yaml"))
     cfg.merge_from_list([
         "MODEL.META_ARCHITECTURE", meta,
         "DATASETS.TRAIN", (f"{prefix}_train",),

@@ -7,9 +7,9 @@ from typing import Dict, Sequence
 import h5py
 import numpy as np
 from common import REPO
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.config import load_config
 from mmt_psm.semantic.acdc import convert_acdc
 from mmt_psm.semantic.acdc_datasets import register_all_acdc
 
@@ -57,9 +57,7 @@ def tiny_acdc(root: str, prefix: str = "tinyacdc") -> str:
 
 def tiny_semantic_cfg(output_dir: str, meta: str = "SemanticSegmentor", prefix: str = "tinyacdc") -> CfgNode:
     """configs/acdc/Base-ACDC-UNet.yaml shrunk to a 3-stage U-Net on 32 x 32 slices, 3 iterations."""
-    cfg = get_cfg()
-    add_mmt_psm_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "acdc", "Base-ACDC-UNet.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "acdc", "Base-ACDC-UNet.yaml"))  # device resolved (CPU here)
     cfg.merge_from_list([
         "MODEL.META_ARCHITECTURE", meta, "MODEL.UNET.CHANNELS", (4, 8, 16), "MODEL.UNET.DROPOUT", (0.0, 0.1, 0.2),
         "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["res1", "res2", "res3"], "INPUT.FIXED_SIZE", (32, 32),

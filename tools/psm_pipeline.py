@@ -29,8 +29,7 @@ import os
 import sys
 import time
 
-import torch
-from detectron2.engine import default_argument_parser
+from detectron2.engine import default_argument_parser, launch
 
 import mmt_psm  # noqa: F401
 from mmt_psm.config import load_config
@@ -44,22 +43,35 @@ from mmt_psm.train_net import main as train_net_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(config: str, out_dir: str, labels: str, iters: int, opts, init: str = "") -> str:
-    """``tools/train_net.py`` (its ``main``, in this process; ``--resume``) on the label folder registered as
-    ``psm_labels``; returns the final weights. The same command line by hand:
-    ``MMT_PSM_LABEL_SETS=psm_labels=LABELS python tools/train_net.py --config-file CONFIG ...``."""
+def train(config: str, out_dir: str, labels: str, iters: int, opts, init: str = "", num_gpus: int = 1) -> str:
+    """``tools/train_net.py`` (its ``main`` through Detectron2's ``launch``: in this process on one GPU or the CPU,
+    one process per GPU with ``num_gpus`` > 1; ``--resume``) on the label folder registered as ``psm_labels``;
+    returns the final weights. The same command line by hand:
+    ``MMT_PSM_LABEL_SETS=psm_labels=LABELS python tools/train_net.py --config-file CONFIG --num-gpus N ...``."""
     final = os.path.join(out_dir, "model_final.pth")
     if os.path.isfile(final):
         print(f"[psm pipeline] {final} exists, training skipped", flush=True)
         return final
     register_psm_labels("psm_labels", labels)
-    argv = ["--config-file", config, "--num-gpus", "1", "--resume", "OUTPUT_DIR", out_dir,
+    # the processes launch spawns (--num-gpus > 1) register the label folder from the environment
+    # (mmt_psm.nuclei.datasets.register_all_psm)
+    before = os.environ.get("MMT_PSM_LABEL_SETS")
+    sets = [e for e in (before or "").split(os.pathsep) if e and not e.startswith("psm_labels=")]
+    os.environ["MMT_PSM_LABEL_SETS"] = os.pathsep.join(sets + [f"psm_labels={os.path.abspath(labels)}"])
+    argv = ["--config-file", config, "--num-gpus", str(num_gpus), "--resume", "OUTPUT_DIR", out_dir,
             "DATASETS.TRAIN", '("psm_labels",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters),
             "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1))] + (["MODEL.WEIGHTS", init] if init else [])
     argv += list(opts)
     print(f"[psm pipeline] MMT_PSM_LABEL_SETS=psm_labels={os.path.abspath(labels)} python tools/train_net.py "
           + " ".join(repr(a) if " " in a or "(" in a else a for a in argv), flush=True)
-    train_net_main(default_argument_parser().parse_args(argv))
+    args = default_argument_parser().parse_args(argv)
+    try:
+        launch(train_net_main, args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url, args=(args,))
+    finally:
+        if before is None:
+            os.environ.pop("MMT_PSM_LABEL_SETS", None)
+        else:
+            os.environ["MMT_PSM_LABEL_SETS"] = before
     return final
 
 
@@ -76,9 +88,12 @@ def main(argv=None) -> int:
     p.add_argument("--seg-from-scratch", action="store_true", help="stage 6 not initialised from stage 4")
     p.add_argument("--supervised", action="store_true",
                    help="upper bound: train stages 4 and 6 on --train-gt's labels instead of PSM's")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="GPUs stages 4 and 6 train on (train_net's --num-gpus); stages 1-3, 5 and the prediction use "
+                        "MODEL.DEVICE (CUDA when there is one, else the CPU) in this process")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     a = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    # torch's own thread count (OMP_NUM_THREADS when set, else one per core): set OMP_NUM_THREADS to share the CPU
     start = time.perf_counter()
     det_cfg_file = os.path.join(a.config_dir, "detection.yaml")
     seg_cfg_file = os.path.join(a.config_dir, "segmentation.yaml")
@@ -105,7 +120,7 @@ def main(argv=None) -> int:
         lap("stage 3 (pseudo masks)")
     det = ""
     if not (a.supervised and a.seg_from_scratch):  # PSM's stage 5 needs the detection network
-        det = train(det_cfg_file, os.path.join(a.out, "detection"), labels, a.det_iters, a.opts)
+        det = train(det_cfg_file, os.path.join(a.out, "detection"), labels, a.det_iters, a.opts, num_gpus=a.num_gpus)
         lap("stage 4 (detection network)")
     if not a.supervised:
         predict_probabilities(cfg, det, images, os.path.join(labels, "probability"))
@@ -114,7 +129,7 @@ def main(argv=None) -> int:
         score_labels(images, labels)
         lap("stage 5 (points, Voronoi labels" + (", refined masks)" if cfg.PSM.REFINE.ENABLED else ")"))
     seg = train(seg_cfg_file, os.path.join(a.out, "segmentation"), labels, a.seg_iters, a.opts,
-                init="" if a.seg_from_scratch else det)
+                init="" if a.seg_from_scratch else det, num_gpus=a.num_gpus)
     lap("stage 6 (segmentation network)")
     test = resolve_images(a.test or a.images, a.test_gt if a.test or a.test_gt else a.train_gt)
     seg_cfg = load_config(seg_cfg_file, a.opts, freeze=True)

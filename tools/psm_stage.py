@@ -25,7 +25,6 @@ import sys
 
 import cv2
 import numpy as np
-import torch
 
 import mmt_psm  # noqa: F401  (registers data sets and models)
 from mmt_psm.config import load_config
@@ -51,7 +50,8 @@ def run(argv=None) -> int:
     a, opts = p.parse_known_args(argv)  # the rest: KEY VALUE config overrides
     if any(o.startswith("--") for o in opts):
         p.error(f"unknown options {[o for o in opts if o.startswith('--')]}")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    # torch's own thread count (OMP_NUM_THREADS when set, else one per core); the device: MODEL.DEVICE, resolved
+    # by load_config (CUDA when there is one, else the CPU)
     cfg = load_config(a.config, opts, freeze=True)
     images = resolve_images(a.images, a.gt)
     if a.stage in ("activation", "pseudo-masks", "voronoi", "pseudo-instances", "supervised-labels") and not a.labels:

@@ -24,12 +24,18 @@ def add_core_config(cfg: CN) -> None:
     # rest of the split's base data set to the unlabeled stream.
     _C.DATASETS.SPLIT_FILE = ""
     # Seed of the training streams' order and augmentations (-1: drawn once per run, saved in checkpoints).
+    # A resume continues with the uninterrupted run's batches at any iteration and with any
+    # DATALOADER.NUM_WORKERS (mmt_psm.core.loader), as long as the mappers draw their randomness from python's,
+    # numpy's and torch's global RNGs (seeded per sample from this seed and the sample's stream position).
     _C.DATALOADER.STREAM_SEED = -1
 
 
     # ---------------------------------------------------------------- teacher-student core
     _C.SEMI = CN()
-    # Images per step and per GPU from each stream (SOLVER.IMS_PER_BATCH is ignored when these are > 0).
+    # Images per step from each stream, PER GPU (per training process): unlike Detectron2's SOLVER.IMS_PER_BATCH,
+    # which is the total over all GPUs (and is ignored when these are > 0), a run with --num-gpus N trains on
+    # N x (IMS_PER_BATCH_LABELED + IMS_PER_BATCH_UNLABELED) images per step. Changing N changes the total batch
+    # (scale SOLVER.BASE_LR yourself); the Trainer logs per-GPU and total images per step at start-up.
     _C.SEMI.IMS_PER_BATCH_LABELED = 0
     _C.SEMI.IMS_PER_BATCH_UNLABELED = 0
     # Supervised-only iterations before any unsupervised loss.

@@ -1,5 +1,6 @@
 """Exponential-moving-average (EMA) teacher: decay schedule, fused in-place update, and the hook that runs
-them after every step (with the DDP BatchNorm-statistics average that keeps every rank one model).
+them after every step (the DDP BatchNorm-statistics average runs before it, for every model:
+:mod:`mmt_psm.core.step_guards`).
 
 The teacher is ``t <- decay_t * t + (1 - decay_t) * s`` over every parameter and every floating buffer (so BN
 running statistics follow the student too); integer/bool buffers (e.g. BN ``num_batches_tracked``) are copied.
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "ema_decay", "ema_update_", "copy_student_to_teacher_", "EMATeacherHook", "unwrap_model",
-    "rank_local_norm_buffers", "average_across_ranks_",
+    "rank_local_norm_buffers", "average_across_ranks_", "is_rank_local_norm", "norm_buffers_of",
 ]
 
 
@@ -102,14 +103,21 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def is_rank_local_norm(m: nn.Module) -> bool:
+    """A BatchNorm layer whose running statistics each DDP rank updates on its own (plain BN; SyncBN variants
+    update theirs from global batch statistics)."""
+    return isinstance(m, _BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, NaiveSyncBatchNorm))
+
+
+def norm_buffers_of(m: nn.Module) -> List[torch.Tensor]:
+    """The floating running statistics (mean, var) of one BatchNorm layer (none when it tracks none)."""
+    return [b for b in (m.running_mean, m.running_var) if b is not None and b.is_floating_point()]
+
+
 def rank_local_norm_buffers(module: nn.Module) -> List[torch.Tensor]:
     """Floating running statistics of the BatchNorm layers in ``module`` that each DDP rank updates on its own
     (plain BN; SyncBN variants already update theirs from global batch statistics)."""
-    out = []
-    for m in module.modules():
-        if isinstance(m, _BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, NaiveSyncBatchNorm)):
-            out += [b for b in (m.running_mean, m.running_var) if b is not None and b.is_floating_point()]
-    return out
+    return [b for m in module.modules() if is_rank_local_norm(m) for b in norm_buffers_of(m)]
 
 
 @torch.no_grad()
@@ -136,24 +144,27 @@ class EMATeacherHook(HookBase):
     The model must expose ``teacher_student_pairs()``: the (teacher, student) module pairs to average.
 
     Multi-GPU: DDP keeps parameters equal on every rank, but Detectron2 does not broadcast buffers, so a
-    student's plain-BatchNorm running statistics are per rank (each rank's own images). Before the EMA step of
-    every iteration, when the world size is > 1, this hook all-reduce-averages those statistics of every
-    student module (mean of the per-rank running means/variances), so the student, and the teacher averaged
-    from it, stay one model on every rank, and distributed evaluation of either uses one model. SyncBN layers
-    are left alone (theirs are global already); GroupNorm/FrozenBN models have no such statistics.
+    student's plain-BatchNorm running statistics are per rank. The Trainer's
+    :class:`~mmt_psm.core.step_guards.NormStatisticsHook`, which runs before this one, averages them across ranks
+    for every model, so the student, and the teacher averaged from it, stay one model on every rank.
+    A step it marks non-finite (``trainer.nonfinite_step``: e.g. an fp16 overflow the GradScaler skipped) updates
+    no teacher; a burn-in copy due on such a step happens after the next finite step.
     """
 
     def __init__(self, decay: float, start_iter: int, burn_in_iters: int, copy_at_burn_in: bool):
         self.decay, self.start_iter = float(decay), int(start_iter)
         self.burn_in_iters, self.copy_at_burn_in = int(burn_in_iters), bool(copy_at_burn_in)
+        self._copy_pending = False
 
     def after_step(self) -> None:
         it = self.trainer.iter  # the iteration that just finished
         model = unwrap_model(self.trainer.model)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # the same step on all ranks
-            students = {id(s): s for _, s in model.teacher_student_pairs()}.values()
-            average_across_ranks_([b for s in students for b in rank_local_norm_buffers(s)])
-        if self.copy_at_burn_in and self.burn_in_iters > 0 and it + 1 == self.burn_in_iters:
+        copy_now = self.copy_at_burn_in and self.burn_in_iters > 0 and it + 1 == self.burn_in_iters
+        if getattr(self.trainer, "nonfinite_step", False):  # the student is not this step's: keep the teacher
+            self._copy_pending = self._copy_pending or copy_now
+            return
+        if copy_now or self._copy_pending:
+            self._copy_pending = False
             for teacher, student in model.teacher_student_pairs():
                 copy_student_to_teacher_(teacher, student)
             decay = 0.0

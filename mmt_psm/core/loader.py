@@ -4,7 +4,9 @@ Each step yields ONE list: ``IMS_PER_BATCH_LABELED`` labeled dicts then ``IMS_PE
 dicts (per GPU), each dict carrying ``"labeled": bool``. So Detectron2's SimpleTrainer/AMPTrainer, DDP and hooks
 work unchanged. Each stream has its own seeded sampler. A sample's augmentation randomness is seeded by its
 position in its stream, so the data of iteration ``t`` is the same whether training ran straight through or
-was resumed at ``t`` (with any number of workers).
+was resumed at ``t``, with any number of workers (``DATALOADER.NUM_WORKERS``): batches are formed before they
+reach the workers (:func:`build_stream_loader`). Exact as long as a mapper draws its randomness from python's,
+numpy's and torch's global RNGs (which are seeded per sample); a library with an RNG of its own is not covered.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, build_batch_data_loader
+from detectron2.data import DatasetFromList
+from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.utils import comm
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +94,24 @@ def build_stream_loader(
     start_iter: int = 0,
     num_workers: int = 0,
 ) -> Iterator[List[Dict[str, Any]]]:
-    """A Detectron2 batch loader over one stream, starting at iteration ``start_iter``."""
+    """A batch loader over one stream (lists of ``images_per_gpu`` mapped dicts), starting at iteration
+    ``start_iter``.
+
+    The batches are formed in the main process (a ``BatchSampler`` over the stream) and handed to the
+    ``num_workers`` workers one whole batch at a time, delivered in order: batch ``t`` holds the stream's positions
+    ``[t * images_per_gpu, (t + 1) * images_per_gpu)`` of this rank whatever the worker count, so a resume at any
+    iteration is exact with workers too. (Detectron2 v0.6's ``build_batch_data_loader`` deals single samples to
+    the workers round-robin and each worker batches its own: with N workers a resume was exact only at iterations
+    that are multiples of N.)"""
     world = comm.get_world_size()
     sampler = StreamSampler(len(dataset_dicts), seed, start=start_iter * images_per_gpu * world)
     dataset = PositionSeededDataset(dataset_dicts, mapper, seed, labeled)
-    return build_batch_data_loader(
-        dataset, sampler, images_per_gpu * world, aspect_ratio_grouping=False, num_workers=num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, images_per_gpu, drop_last=True),
+        num_workers=num_workers,
+        collate_fn=trivial_batch_collator,
+        worker_init_fn=worker_init_reset_seed,
     )
 
 

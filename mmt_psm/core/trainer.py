@@ -8,11 +8,14 @@ What it changes, and why:
 - data sets the config names (e.g. ``DATASETS.REGISTER``) registered on construction, and the registered
   data-set checks (e.g. class counts) run on every training and test set;
 - evaluators by each test set's ``evaluator_type``;
+- every rank checks the losses of every step (a NaN/inf on one rank stops all ranks, not only rank 0); with
+  more than one rank (or AMP), every model's BatchNorm statistics are averaged across ranks after each step, and a
+  non-finite step is undone for them and kept from the teacher (``mmt_psm.core.step_guards``);
 - for models with an EMA teacher: the EMA hook, and evaluation of the reported model (SEMI.EVAL_WITH) and, when
   SEMI.EVAL_BOTH, of the other one (suffixed); TEST.AUG runs Detectron2's TTA on the reported model;
 - the hooks tasks register (e.g. the pseudo-label monitor), after the EMA hook;
 - checkpoints: written atomically and holding the optimizer / grad-scaler state (detectron2 v0.6's
-  DefaultTrainer omits it) and the RNG state, so ``--resume`` continues exactly.
+  DefaultTrainer omits it) and every rank's RNG state, so ``--resume`` continues exactly.
 """
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine import hooks as d2_hooks
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 
 from mmt_psm.core.checkpoint import AtomicCheckpointer, TrainingStateHook
+from mmt_psm.core.device import resolve_device
 from mmt_psm.core.ema import EMATeacherHook, unwrap_model
 from mmt_psm.core.loader import TwoStreamLoader, build_stream_loader
 from mmt_psm.core.registry import (
@@ -42,6 +47,7 @@ from mmt_psm.core.registry import (
     register_config_datasets,
 )
 from mmt_psm.core.splits import check_split_base, register_split
+from mmt_psm.core.step_guards import NormStatisticsHook, install_finite_loss_check
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +72,51 @@ def images_per_gpu(cfg: CfgNode) -> tuple:
     return cfg.SOLVER.IMS_PER_BATCH // world, 0
 
 
+def log_images_per_step(cfg: CfgNode) -> str:
+    """Log (and return) the images of one step per GPU and in total: ``SEMI.IMS_PER_BATCH_*`` are per GPU while
+    Detectron2's ``SOLVER.IMS_PER_BATCH`` is the total, so this line says what a run with N GPUs trains on."""
+    world = comm.get_world_size()
+    n_lab, n_unl = images_per_gpu(cfg)
+    source = "SEMI.IMS_PER_BATCH_LABELED/_UNLABELED, per GPU" if cfg.SEMI.IMS_PER_BATCH_LABELED > 0 else \
+        "SOLVER.IMS_PER_BATCH, the total"
+    msg = (f"Images per step: {n_lab} labeled + {n_unl} unlabeled per GPU x {world} GPU(s) = {n_lab * world} "
+           f"labeled + {n_unl * world} unlabeled in total (from {source})")
+    logger.info(msg)
+    return msg
+
+
+def load_step_state(step_trainer: SimpleTrainer, state: Dict[str, Any]) -> None:
+    """Load a checkpoint's ``_trainer`` state (iteration, optimizer, and with AMP the gradient scaler) into
+    Detectron2's Simple/AMPTrainer, across an AMP switch: a checkpoint written without AMP (no or an empty
+    ``grad_scaler``) resumes an AMP run with a fresh scaler, one written with AMP resumes an fp32 run without its
+    scaler; each with a warning."""
+    scaler = getattr(step_trainer, "grad_scaler", None)
+    saved = state.get("grad_scaler")
+    if scaler is not None and not saved:
+        logger.warning("Resuming with AMP from a checkpoint written without it (no grad_scaler state): the gradient "
+                       "scaler starts from its initial scale")
+        SimpleTrainer.load_state_dict(step_trainer, state)
+        return
+    if scaler is None and saved:
+        logger.warning("Resuming without AMP from a checkpoint written with it: its grad_scaler state is not used")
+    step_trainer.load_state_dict(state)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer for cell/organ segmentation, supervised or teacher-student."""
 
     def __init__(self, cfg: CfgNode):
         cfg = cfg.clone()
         cfg.defrost()
+        resolve_device(cfg)  # no CUDA -> the CPU (one warning), for configs built without load_config too
         if cfg.DATALOADER.STREAM_SEED < 0:
             cfg.DATALOADER.STREAM_SEED = comm.shared_random_seed() % (2**31)
         cfg.freeze()
         register_config_datasets(cfg)  # e.g. DATASETS.REGISTER (no-op when train_net did it already)
         self.data_seed = cfg.DATALOADER.STREAM_SEED
+        log_images_per_step(cfg)
         super().__init__(cfg)
+        install_finite_loss_check(self._trainer)  # a NaN/inf loss on any rank stops every rank (step_guards)
 
     # ------------------------------------------------------------------ data
     @classmethod
@@ -122,14 +161,23 @@ class Trainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         hooks = super().build_hooks()
-        extra = [TrainingStateHook()]
+        state_hook = TrainingStateHook()
+        extra = [state_hook]
         model = unwrap_model(self._trainer.model)
         if hasattr(model, "teacher_student_pairs") and list(model.teacher_student_pairs()):
             s = self.cfg.SEMI
             extra.insert(0, EMATeacherHook(s.EMA_DECAY, s.EMA_START_ITER, s.BURN_IN_ITERS, s.COPY_TEACHER_AT_BURN_IN))
+        if comm.get_world_size() > 1 or self.cfg.SOLVER.AMP.ENABLED:
+            # every model's rank-local BN statistics averaged across ranks; a non-finite (e.g. fp16-overflow) step
+            # undone for them and kept from the teacher: before the EMA hook
+            extra.insert(0, NormStatisticsHook())
         extra += build_task_hooks(self.cfg)
         # after IterationTimer/LRScheduler, before the checkpointer and evaluation, which must see the new teacher
-        return hooks[:2] + extra + hooks[2:]
+        hooks = hooks[:2] + extra + hooks[2:]
+        # every rank's RNG state gathered right before the checkpointer writes it (PreciseBN, which draws, runs
+        # earlier); the checkpointer is rank 0's only: the other ranks gather at the same place, before evaluation
+        at = next(i for i, h in enumerate(hooks) if isinstance(h, (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook)))
+        return hooks[:at] + [state_hook.gather_hook()] + hooks[at:]
 
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
@@ -139,7 +187,7 @@ class Trainer(DefaultTrainer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            load_step_state(self._trainer, state_dict["_trainer"])
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)

@@ -45,6 +45,8 @@ def fuse_view_detections(
     probabilities are the score-weighted means of its members, its score the sum of its members' scores over
     V, clamped to 1 (a detection seen in every view keeps about its score; in one of V, 1/V of it). At most
     ``max_dets`` fused detections, best first. ``pred_masks`` are box-relative probabilities ``[N, 1, M, M]``.
+    Computed in fp32 outside autocast (the weighted coordinate sums of a few views of a large image, and box areas,
+    overflow fp16's 65504); the fused boxes, scores and masks are fp32.
     """
     if len(per_view) != len(flipped) or not per_view:
         raise ValueError(f"{len(per_view)} views of detections but {len(flipped)} flip flags")
@@ -53,7 +55,13 @@ def fuse_view_detections(
     dets = Instances.cat(views)
     if len(dets) == 0:
         return dets
-    boxes, scores, classes = dets.pred_boxes.tensor, dets.scores, dets.pred_classes
+    boxes, scores, classes = dets.pred_boxes.tensor.float(), dets.scores.float(), dets.pred_classes
+    with torch.autocast(device_type=boxes.device.type, enabled=False):
+        return _fuse(dets, boxes, scores, classes, len(per_view), per_view[0].image_size, iou_threshold, max_dets)
+
+
+def _fuse(dets: Instances, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, num_views: int,
+          image_size: Tuple[int, int], iou_threshold: float, max_dets: int) -> Instances:
     heads = batched_nms(boxes, scores, classes, iou_threshold)[:max_dets]
     iou = pairwise_iou(Boxes(boxes), Boxes(boxes[heads]))  # [N, H]
     iou = torch.where(classes[:, None] == classes[heads][None, :], iou, torch.full_like(iou, -1.0))
@@ -62,12 +70,12 @@ def fuse_view_detections(
     member[torch.arange(len(dets), device=iou.device), assign] = (best >= iou_threshold).to(iou.dtype)
     w = member * scores[:, None]  # [N, H]
     total = w.sum(dim=0).clamp_min(torch.finfo(w.dtype).tiny)
-    out = Instances(per_view[0].image_size)
+    out = Instances(image_size)
     out.pred_boxes = Boxes((w.t() @ boxes) / total[:, None])
-    out.scores = (w.sum(dim=0) / len(per_view)).clamp(max=1.0)
+    out.scores = (w.sum(dim=0) / num_views).clamp(max=1.0)
     out.pred_classes = classes[heads]
     if dets.has("pred_masks"):
-        masks = dets.pred_masks.flatten(1)  # [N, M*M]
+        masks = dets.pred_masks.flatten(1).float()  # [N, M*M]
         out.pred_masks = ((w.t() @ masks) / total[:, None]).view(len(heads), *dets.pred_masks.shape[1:])
     order = out.scores.argsort(descending=True)
     return out[order]

@@ -86,7 +86,9 @@ def build_unet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> UNetEncoder:
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, eps: float = 1e-5) -> torch.Tensor:
     """Mean over classes of ``1 - (2 sum(p g) + eps) / (sum(p^2) + sum(g) + eps)`` on non-ignored pixels
-    (SSL4MIS ``DiceLoss`` with softmax, background included)."""
+    (SSL4MIS ``DiceLoss`` with softmax, background included). Computed in fp32 whatever the logits' dtype: a class's
+    pixel count exceeds fp16's 65504 from 4 images of 128 x 128."""
+    logits = logits.float()
     num_classes = logits.shape[1]
     valid = (targets != ignore_value).unsqueeze(1).to(logits.dtype)
     probs = logits.softmax(dim=1) * valid
@@ -165,8 +167,9 @@ class UNetHead(nn.Module):
 
 
 def supervised_ce(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
-    """Mean CE over the pixels that are not ``ignore_value``; an exact (graph-connected) 0 when there are none."""
+    """Mean CE over the pixels that are not ``ignore_value``; an exact (graph-connected) 0 when there are none.
+    In fp32 (the summed CE and the pixel count overflow fp16)."""
     valid = (targets != ignore_value).sum()  # no host sync: no valid pixel gives 0 / 1
-    ce = F.cross_entropy(logits, targets.long(), ignore_index=ignore_value, reduction="sum")
+    ce = F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_value, reduction="sum")
     return ce / valid.clamp(min=1).to(ce.dtype)
 

@@ -13,9 +13,8 @@ import logging
 
 import cv2
 import numpy as np
-from skimage.color import rgb2hed
-from skimage.filters import threshold_otsu
 
+from mmt_psm.nuclei.deps import skimage
 from mmt_psm.nuclei.pseudo_masks import remove_small
 
 __all__ = ["haematoxylin_density", "haematoxylin_mask"]
@@ -27,7 +26,7 @@ def haematoxylin_density(image: np.ndarray) -> np.ndarray:
     """HxW float32 haematoxylin optical density of an HxWx3 uint8 RGB H&E image (``rgb2hed`` channel 0)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-    return rgb2hed(image)[:, :, 0].astype(np.float32)
+    return skimage("color").rgb2hed(image)[:, :, 0].astype(np.float32)
 
 
 def haematoxylin_mask(
@@ -52,5 +51,5 @@ def haematoxylin_mask(
     if sigma > 0:
         z = cv2.GaussianBlur(z, (0, 0), sigma)
     z = z + act_weight * np.clip(activation, 0.0, 1.0).astype(np.float32)
-    mask = z > threshold_otsu(z)
+    mask = z > skimage("filters").threshold_otsu(z)
     return remove_small(mask, min_object_size, max_hole_size).astype(np.uint8)

@@ -11,8 +11,8 @@ from typing import Optional
 
 import numpy as np
 from scipy import ndimage
-from skimage import measure, segmentation
 
+from mmt_psm.nuclei.deps import skimage
 from mmt_psm.nuclei.pseudo_masks import remove_small
 from mmt_psm.nuclei.voronoi import detect_points
 
@@ -32,6 +32,7 @@ def instances_from_probability(
     distance to the background)."""
     if surface not in ("probability", "distance"):
         raise ValueError(f"watershed surface {surface!r}: expected 'probability' or 'distance'")
+    measure, segmentation = skimage("measure"), skimage("segmentation")
     fg = remove_small(prob > threshold, min_size, max_hole_size)
     if not watershed:
         return measure.label(fg, connectivity=1).astype(np.int32)

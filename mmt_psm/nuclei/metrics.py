@@ -14,9 +14,9 @@ import numpy as np
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from skimage import measure, segmentation
 
 from mmt_psm.core.object_metrics import f1_from_counts, match_objects
+from mmt_psm.nuclei.deps import skimage
 
 __all__ = ["label_map_counts", "aji_from_counts", "image_scores", "summarize_scores", "coco_mask_ap",
            "centre_crop", "paper_protocol_scores"]
@@ -26,6 +26,7 @@ def label_map_counts(gt: np.ndarray, pred: np.ndarray) -> Tuple[np.ndarray, np.n
     """(inter (G, P), gt areas (G,), pred areas (P,)) of two instance maps (ids relabelled 1..G / 1..P)."""
     if gt.shape != pred.shape:
         raise ValueError(f"GT {gt.shape} and prediction {pred.shape} label maps differ in size")
+    segmentation = skimage("segmentation")
     g = segmentation.relabel_sequential(gt.astype(np.int64))[0]
     p = segmentation.relabel_sequential(pred.astype(np.int64))[0]
     ng, npred = int(g.max()), int(p.max())
@@ -131,5 +132,5 @@ def centre_crop(a: np.ndarray, size: int) -> np.ndarray:
 def paper_protocol_scores(gt: np.ndarray, pred: np.ndarray, size: int = 512) -> Dict[str, float]:
     """:func:`image_scores` on the centre crop; GT instances = connected components of the GT foreground
     (the authors' binary GT), predicted instances as given."""
-    g = measure.label(centre_crop(gt, size) > 0, connectivity=1)
+    g = skimage("measure").label(centre_crop(gt, size) > 0, connectivity=1)
     return image_scores(g, centre_crop(pred, size))

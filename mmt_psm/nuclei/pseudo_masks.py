@@ -21,8 +21,8 @@ from typing import Tuple
 
 import cv2
 import numpy as np
-from skimage import morphology
-from sklearn.cluster import KMeans
+
+from mmt_psm.nuclei.deps import skimage, sklearn_cluster
 
 __all__ = ["jet_colour_map", "cluster_features", "foreground_cluster", "pseudo_mask", "remove_small"]
 
@@ -33,6 +33,7 @@ def remove_small(mask: np.ndarray, min_object_size: int, max_hole_size: int) -> 
     """``mask`` without objects smaller than ``min_object_size`` px and with holes smaller than ``max_hole_size``
     px filled (scikit-image; its >= 0.26 ``max_size`` spelling when available, else ``min_size``)."""
     mask = mask.astype(bool)
+    morphology = skimage("morphology")
     if min_object_size > 0:
         try:
             mask = morphology.remove_small_objects(mask, max_size=min_object_size - 1)
@@ -87,6 +88,7 @@ def pseudo_mask(
     than ``k`` distinct feature values, or whose foreground cluster is less than ``min_contrast`` darker (mean
     image R + G in [0, 2]) than its brightest cluster (a blank or background-only tile), gets an empty mask and a
     warning."""
+    kmeans = sklearn_cluster().KMeans  # a missing scikit-learn fails here, whatever the image
     if image.shape[:2] != activation.shape[:2]:
         raise ValueError(f"image {image.shape[:2]} and activation map {activation.shape[:2]} differ in size")
     feats, score = cluster_features(image, activation, beta, prior)
@@ -98,7 +100,7 @@ def pseudo_mask(
         return np.zeros(image.shape[:2], np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning on near-blank tiles: the result is still usable
-        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(fit)
+        km = kmeans(n_clusters=k, n_init=3, random_state=seed).fit(fit)
     labels = km.predict(flat).reshape(image.shape[:2])
     fg = foreground_cluster(labels, score, k)
     img = image.astype(np.float32) / 255.0

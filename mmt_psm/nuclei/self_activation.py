@@ -43,12 +43,14 @@ def grad_cam_raw(net: SelfSupervisedNet, image: torch.Tensor) -> torch.Tensor:
 
 
 def self_activation_map(net: SelfSupervisedNet, image: np.ndarray, tile: int = 1024) -> np.ndarray:
-    """(H, W) float32 in [0, 1]: Grad-CAM of ``net`` on an HxWx3 uint8 RGB image, tiled by ``tile`` pixels."""
+    """(H, W) float32 in [0, 1]: Grad-CAM of ``net`` on an HxWx3 uint8 RGB image, tiled by ``tile`` pixels (each
+    tile computed on the network's device)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"self_activation_map expects an HxWx3 RGB image, got {image.shape}")
     net.eval()
     h, w = image.shape[:2]
     tile = max(int(tile), 8)
+    device = next(net.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     raw = np.zeros((h, w), np.float32)
     for y0 in range(0, h, tile):
@@ -57,5 +59,5 @@ def self_activation_map(net: SelfSupervisedNet, image: np.ndarray, tile: int = 1
             ph, pw = part.shape[-2:]
             # pad to even size so pooling sees whole windows; crop back after
             padded = F.pad(part, (0, pw % 2, 0, ph % 2), mode="replicate")
-            raw[y0: y0 + ph, x0: x0 + pw] = grad_cam_raw(net, padded)[:ph, :pw].numpy()
+            raw[y0: y0 + ph, x0: x0 + pw] = grad_cam_raw(net, padded.to(device))[:ph, :pw].cpu().numpy()
     return min_max(raw)

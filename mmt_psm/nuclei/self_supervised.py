@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -79,20 +79,21 @@ def random_crops(images: List[np.ndarray], n: int, size: int, rng: np.random.Gen
 def train_self_supervised(
     images: List[np.ndarray], iters: int = 300, crop: int = 128, batch: int = 8, lr: float = 1e-3,
     channels: Sequence[int] = (16, 32, 64, 128), seed: int = 0,
-    progress: Optional[Callable[[int, float], None]] = None,
+    progress: Optional[Callable[[int, float], None]] = None, device: Union[str, torch.device] = "cpu",
 ) -> SelfSupervisedNet:
     """Train :class:`SelfSupervisedNet` on random crops of ``images`` (HxWx3 uint8 RGB) with the rot180 L1 loss
-    (Adam); returns the network in eval mode. ``progress(iteration, loss)`` is called every 50 iterations."""
+    (Adam) on ``device`` (the PSM stages pass ``cfg.MODEL.DEVICE``); returns the network, on that device, in eval
+    mode. ``progress(iteration, loss)`` is called every 50 iterations."""
     if not images:
         raise ValueError("self-supervised training needs at least one image")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SelfSupervisedNet(channels)
+    net = SelfSupervisedNet(channels).to(device)  # initialised on the CPU: the same weights on every device
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     start = time.perf_counter()
     for it in range(iters):
-        loss = rot180_l1_loss(net, random_crops(images, batch, crop, rng))
+        loss = rot180_l1_loss(net, random_crops(images, batch, crop, rng).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()

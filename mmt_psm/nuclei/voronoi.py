@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from skimage import feature, morphology, segmentation
+
+from mmt_psm.nuclei.deps import skimage
 
 __all__ = ["detect_points", "voronoi_regions", "voronoi_labels", "IGNORE"]
 
@@ -20,7 +21,7 @@ IGNORE = 255
 def detect_points(prob: np.ndarray, sigma: float = 2.0, min_distance: int = 6, threshold: float = 0.5) -> np.ndarray:
     """(N, 2) int (row, col) local maxima of ``gaussian(prob, sigma)`` that are >= ``threshold``."""
     blurred = ndimage.gaussian_filter(prob.astype(np.float32), sigma) if sigma > 0 else prob.astype(np.float32)
-    pts = feature.peak_local_max(blurred, min_distance=max(int(min_distance), 1), threshold_abs=threshold,
+    pts = skimage("feature").peak_local_max(blurred, min_distance=max(int(min_distance), 1), threshold_abs=threshold,
                                  exclude_border=False)
     return pts.astype(np.int64).reshape(-1, 2)
 
@@ -42,11 +43,11 @@ def voronoi_labels(points: np.ndarray, shape, point_radius: int = 2) -> np.ndarr
     if len(points) == 0:
         return out
     regions = voronoi_regions(points, (h, w))
-    out[segmentation.find_boundaries(regions, mode="inner")] = 0
+    out[skimage("segmentation").find_boundaries(regions, mode="inner")] = 0
     dots = np.zeros((h, w), bool)
     pts = np.asarray(points, np.int64)
     dots[pts[:, 0], pts[:, 1]] = True
     if point_radius > 0:
-        dots = ndimage.binary_dilation(dots, structure=morphology.disk(point_radius))
+        dots = ndimage.binary_dilation(dots, structure=skimage("morphology").disk(point_radius))
     out[dots] = 1
     return out

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from mmt_psm.core.atomic import write_json
+from mmt_psm.core.optional import optional_import
 
 ACDC_CLASSES = ["background", "RV", "Myo", "LV"]
 IGNORE_VALUE = 255
@@ -49,8 +50,7 @@ def parse_slice_name(path: str) -> Dict[str, Any]:
 
 def read_slice(path: str, num_classes: int = len(ACDC_CLASSES)) -> Dict[str, np.ndarray]:
     """Read and validate one slice file: keys present, same shapes, label/scribble values in range."""
-    import h5py
-
+    h5py = optional_import("h5py", "h5py", "reading ACDC's HDF5 slices (semantic task, datasets/prepare_acdc.py)")
     try:
         f = h5py.File(path, "r")
     except OSError as e:

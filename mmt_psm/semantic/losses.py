@@ -27,7 +27,8 @@ def valid_mask(image_sizes: Sequence[Tuple[int, int]], shape: Tuple[int, int], d
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, over: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean of ``values`` (N, H, W) over ``mask``; ``values.sum() * 0`` when the mask is empty. With ``over``
     (a mask containing ``mask``) the sum over ``mask`` is divided by the pixel count of ``over`` instead, so each
-    masked pixel weighs what it would in a mean over ``over``."""
+    masked pixel weighs what it would in a mean over ``over``. In fp32 (pixel counts and sums overflow fp16)."""
+    values = values.float()
     m = mask.to(values.dtype)  # no host sync: an empty mask gives 0 / 1
     count = m.sum() if over is None else over.to(values.dtype).sum()
     return (values * m).sum() / count.clamp(min=1.0)
@@ -62,13 +63,16 @@ def masked_softmax_mse(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
 def class_feature_means(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_value: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(per-class feature sums (K, D), per-class pixel counts (K,)) of ``features`` (N, D, H, W) under ``labels``."""
+    """(per-class feature sums (K, D), per-class pixel counts (K,)) of ``features`` (N, D, H, W) under ``labels``,
+    both fp32 whatever the features' dtype and outside autocast (a class's pixel count and feature sum overflow
+    fp16's 65504 from a few images)."""
     d = features.shape[1]
-    flat = features.detach().permute(0, 2, 3, 1).reshape(-1, d)
+    flat = features.detach().permute(0, 2, 3, 1).reshape(-1, d).float()
     lab = labels.reshape(-1)
     keep = (lab != ignore_value) & (lab >= 0) & (lab < num_classes)
-    onehot = F.one_hot(lab[keep].long(), num_classes).to(flat.dtype)  # (P, K)
-    return onehot.t() @ flat[keep], onehot.sum(dim=0)
+    onehot = F.one_hot(lab[keep].long(), num_classes).float()  # (P, K)
+    with torch.autocast(device_type=flat.device.type, enabled=False):  # autocast would run the matmul in fp16
+        return onehot.t() @ flat[keep], onehot.sum(dim=0)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from tabulate import tabulate
 from mmt_psm.core.atomic import write_json
 from mmt_psm.core.registry import EVALUATORS
 from mmt_psm.semantic.slice_mapper import read_label_map
-from mmt_psm.semantic.volume_metrics import largest_components, volume_scores
+from mmt_psm.semantic.volume_metrics import largest_components, require_medpy, volume_scores
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class VolumeSegEvaluator(DatasetEvaluator):
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True,
                  largest_component: bool = False):
+        require_medpy()  # missing: an ImportError now, not after the inference over the whole test set
         meta = MetadataCatalog.get(dataset_name)
         self._name, self._output_dir, self._distributed = dataset_name, output_dir, distributed
         self._largest_component = bool(largest_component)

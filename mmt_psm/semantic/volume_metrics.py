@@ -16,10 +16,17 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-__all__ = ["dice_hd95", "volume_scores", "largest_components"]
+from mmt_psm.core.optional import optional_import
+
+__all__ = ["dice_hd95", "volume_scores", "largest_components", "require_medpy"]
+
+
+def require_medpy():
+    """``medpy.metric.binary``, or an ImportError naming medpy and the task (medpy is imported only here: the other
+    tasks train without it)."""
+    return optional_import("medpy.metric.binary", "medpy", "the ACDC volume metrics (semantic task)")
 
 
 def _diagonal(shape: Sequence[int], spacing: Optional[Sequence[float]]) -> float:
@@ -29,6 +36,7 @@ def _diagonal(shape: Sequence[int], spacing: Optional[Sequence[float]]) -> float
 
 def dice_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None) -> Tuple[float, float]:
     """(Dice, HD95) of two binary volumes, with the empty-case convention of this module."""
+    medpy_binary = require_medpy()
     pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")

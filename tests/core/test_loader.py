@@ -65,3 +65,17 @@ def test_two_stream_batches_and_resume():
     )
     assert [[d["id"] for d in b] for b in _take(resumed, 2)] == [[d["id"] for d in b] for b in batches[3:5]]
     assert [len(b) for b in _take(TwoStreamLoader(build_stream_loader(lab, ident, 2, 0, True)), 2)] == [2, 2]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_resume_is_exact_with_data_loader_workers(workers):
+    """With NUM_WORKERS > 0 too: the batches after a resume at any iteration k are the uninterrupted run's
+    (same images, same augmentation draws, same order). Detectron2 v0.6's build_batch_data_loader deals samples to
+    the workers one by one and each worker batches its own, which matched only when k was a multiple of the
+    worker count."""
+    dicts = [{"id": i} for i in range(5)]
+    full = [[(d["id"], d["value"]) for d in b] for b in _take(build_stream_loader(dicts, _random_mapper, 2, 4, True,
+                                                                                  0, workers), 7)]
+    for k in (1, 2, 3):
+        resumed = _take(build_stream_loader(dicts, _random_mapper, 2, 4, True, k, workers), 7 - k)
+        assert [[(d["id"], d["value"]) for d in b] for b in resumed] == full[k:], (workers, k)

@@ -1,6 +1,7 @@
 """loss_psm and loss_mgd against hand computations, and their behaviour when nothing is kept / masked."""
 import math
 
+import pytest
 import torch
 
 from mmt_psm.instance.distillation import (
@@ -109,3 +110,19 @@ def test_feature_adaptors():
     assert set(out) == {"p2", "p3"} and out["p2"].shape == (2, 2, 16, 16) and out["p3"].shape == (2, 2, 8, 8)
     assert all(torch.equal(m.bias, torch.zeros(2)) for m in ad.adaptors.values())
     assert FeatureAdaptors(["p2"]).adaptors["p2"].weight.shape == (128, 256, 1, 1)
+
+
+def test_mgd_of_fp16_features_is_the_fp32_loss():
+    """AMP: adapted features arrive in fp16; the squared distances summed over a batch exceed fp16's 65504
+    (4 x 16 x 64 x 64 values of 8^2 here); the loss is summed in fp32 and equals the fp32 one."""
+    g = torch.Generator().manual_seed(0)
+    ft = torch.randn(4, 16, 64, 64, generator=g).half()
+    fs = (ft.float() + 8.0).half()
+    mask = torch.ones(4, 1, 256, 256, dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = mask_guided_feature_loss({"p2": fs}, {"p2": ft}, mask)
+    full = mask_guided_feature_loss({"p2": fs.float()}, {"p2": ft.float()}, mask.float())
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert half.item() == pytest.approx(full.item(), rel=1e-5) and half.item() == pytest.approx(64.0, rel=1e-2)
+    plain = mask_guided_feature_loss({"p2": fs}, {"p2": ft}, None, use_mask=False)
+    assert torch.isfinite(plain) and plain.item() == pytest.approx(full.item(), rel=1e-2)

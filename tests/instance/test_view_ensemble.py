@@ -332,3 +332,27 @@ def test_mask_distillation_cap_bounds_the_teacher_mask_head_and_is_exact_when_no
     cfg.MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES = -1
     with pytest.raises(ValueError, match="MASK_DISTILL_MAX_POSITIVES must be >= 0"):
         build_model(cfg)
+
+
+def test_fusion_of_fp16_detections_of_a_large_image_is_computed_in_fp32():
+    """AMP: the teacher runs under fp16 autocast (its scores / masks fp16; Detectron2's Boxes are fp32, but autocast
+    runs a matmul in fp16): 4 views' score-weighted coordinates of a box at x ~ 20000 exceed fp16's 65504; the
+    fusion runs in fp32 outside autocast and equals the fp32 one."""
+    size = (30000, 30000)
+    box = [20000.0, 20000.0, 20400.0, 20400.0]
+
+    def view(dtype):
+        d = Instances(size)
+        d.pred_boxes = Boxes(torch.tensor([box], dtype=dtype))
+        d.scores = torch.tensor([0.75], dtype=dtype)
+        d.pred_classes = torch.tensor([0])
+        d.pred_masks = torch.full((1, 1, 2, 2), 0.5, dtype=dtype)
+        return d
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = fuse_view_detections([view(torch.float16) for _ in range(4)], [False] * 4, iou_threshold=0.5)
+    full = fuse_view_detections([view(torch.float32) for _ in range(4)], [False] * 4, iou_threshold=0.5)
+    assert half.pred_boxes.tensor.dtype == torch.float32 and torch.isfinite(half.pred_boxes.tensor).all()
+    assert torch.allclose(half.pred_boxes.tensor, full.pred_boxes.tensor) and half.pred_boxes.tensor[0].tolist() == box
+    assert torch.allclose(half.scores, full.scores) and half.scores.tolist() == [0.75]
+    assert torch.allclose(half.pred_masks, full.pred_masks)

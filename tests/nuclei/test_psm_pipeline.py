@@ -130,3 +130,22 @@ def test_blank_tile_gets_empty_pseudo_mask_with_warning(tmp_path, capsys):
     stage.run(["pseudo-masks", "--images", str(folder), "--labels", labels] + TINY)
     assert "blank.png has no foreground" in capsys.readouterr().out
     assert cv2.imread(os.path.join(labels, "pseudo", "blank.png"), -1).sum() == 0
+
+
+def test_training_stages_launch_on_num_gpus_with_the_label_folder_in_the_environment(tmp_path, monkeypatch):
+    """--num-gpus reaches train_net's launch (one process per GPU); the processes it spawns find the label
+    folder through MMT_PSM_LABEL_SETS, which is restored afterwards."""
+    tool = _tool("psm_pipeline")
+    calls = []
+
+    def fake_launch(main, num_gpus, **kw):
+        calls.append((num_gpus, kw["args"][0].num_gpus, os.environ.get("MMT_PSM_LABEL_SETS")))
+
+    monkeypatch.setattr(tool, "launch", fake_launch)
+    monkeypatch.setenv("MMT_PSM_LABEL_SETS", "other=/elsewhere")
+    labels = str(tmp_path / "labels")
+    tool.train("detection.yaml", str(tmp_path / "det"), labels, 2, [], num_gpus=2)
+    assert calls == [(2, 2, os.pathsep.join(["other=/elsewhere", f"psm_labels={labels}"]))]
+    assert os.environ["MMT_PSM_LABEL_SETS"] == "other=/elsewhere"
+    with pytest.raises(SystemExit):  # the flag exists and takes an int
+        tool.main(["--images", "x", "--out", "y", "--num-gpus", "two"])

@@ -136,3 +136,70 @@ def test_refined_mask_bands_the_probability():
     assert refined_mask(prob, 0.5, 0.49, ignore_value=9).tolist() == [[0, 0, 1], [1, 1, 0]]
     with pytest.raises(ValueError, match="need 0 <= BG < FG <= 1, got BG 0.6, FG 0.4"):
         refined_mask(prob, 0.4, 0.6)
+
+
+def _stage1_cfg(iters: int = 2):
+    import os
+
+    from common import REPO
+
+    from mmt_psm.config import load_config
+
+    return load_config(os.path.join(REPO, "configs", "psm", "Base-PSM-UNet.yaml"),
+                       ["PSM.SELF_SUP.ITERS", iters, "PSM.SELF_SUP.CROP", 32, "PSM.SELF_SUP.BATCH", 2,
+                        "PSM.SELF_SUP.CHANNELS", (4, 8)])
+
+
+def test_stage1_trains_and_loads_on_the_configured_device(tmp_path):
+    """Stage 1 uses cfg.MODEL.DEVICE (resolved by load_config: the CPU here), trained or loaded, and stage 2's
+    maps are computed with the network where it is."""
+    from psm_common import write_tiles
+
+    from mmt_psm.nuclei.pipeline.label_files import resolve_images
+    from mmt_psm.nuclei.pipeline.stages import run_activation, run_self_supervised
+
+    write_tiles(str(tmp_path / "tiles"), n=1, size=(48, 48))
+    images = resolve_images(str(tmp_path / "tiles"))
+    cfg = _stage1_cfg()
+    device = torch.device(cfg.MODEL.DEVICE)
+    folder = str(tmp_path / "labels")
+    trained = run_self_supervised(images, folder, cfg, log=lambda m: None)
+    assert {p.device for p in trained.parameters()} == {device}
+    loaded = run_self_supervised(images, folder, cfg, log=lambda m: None)  # self_sup.pth exists now
+    assert {p.device for p in loaded.parameters()} == {device}
+    run_activation(images, folder, cfg, log=lambda m: None)
+    assert (tmp_path / "labels" / "activation" / "tile0.png").is_file()
+
+
+def test_stage1_honours_another_device(tmp_path, monkeypatch):
+    """A device other than the CPU ('meta': no data, so the step is intercepted) is where the network and the crops
+    of the training loop go, and where a saved network is loaded to."""
+    from psm_common import write_tiles
+
+    import mmt_psm.nuclei.self_supervised as self_supervised
+    from mmt_psm.nuclei.pipeline.label_files import resolve_images
+    from mmt_psm.nuclei.pipeline.stages import run_self_supervised
+
+    write_tiles(str(tmp_path / "tiles"), n=1, size=(48, 48))
+    images = resolve_images(str(tmp_path / "tiles"))
+    cfg = _stage1_cfg()
+    cfg.MODEL.DEVICE = "meta"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def first_step(net, crops):
+        seen.update(net={p.device for p in net.parameters()}, crops=crops.device)
+        raise Stop
+
+    monkeypatch.setattr(self_supervised, "rot180_l1_loss", first_step)
+    with pytest.raises(Stop):
+        run_self_supervised(images, str(tmp_path / "a"), cfg, log=lambda m: None)
+    assert seen == {"net": {torch.device("meta")}, "crops": torch.device("meta")}
+
+    monkeypatch.undo()
+    cpu_cfg = _stage1_cfg()
+    run_self_supervised(images, str(tmp_path / "b"), cpu_cfg, log=lambda m: None)  # writes b/self_sup.pth
+    loaded = run_self_supervised(images, str(tmp_path / "b"), cfg, log=lambda m: None)
+    assert {p.device for p in loaded.parameters()} == {torch.device("meta")}

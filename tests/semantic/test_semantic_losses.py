@@ -123,3 +123,36 @@ def test_soft_dice_loss_perfect_and_hand_case():
     # class 0: (2*0.5 + e)/(1 + 1 + e); class 1: (2*1.5 + e)/(1 + 3 + e)
     expected = 1 - (1.0 / 2.0 + 3.0 / 4.0) / 2
     assert soft_dice_loss(uniform, t, 255).item() == pytest.approx(expected, abs=1e-4)
+
+
+# fp16 (AMP) inputs: class pixel counts and feature sums over a batch exceed fp16's 65504 (4 x 256 x 256 pixels of
+# one class here); the losses and prototype statistics are computed in fp32 and equal the fp32 computation.
+def test_soft_dice_loss_of_fp16_logits_is_the_fp32_one():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 2, 256, 256, generator=g) + torch.tensor([2.0, 0.0]).view(1, 2, 1, 1)).half()
+    t = torch.zeros(4, 256, 256, dtype=torch.long)  # all one class: 262144 pixels
+    full = soft_dice_loss(logits.float(), t, 255)
+    with torch.autocast("cpu", dtype=torch.float16):
+        amp = soft_dice_loss(logits, t, 255)
+    for half in (soft_dice_loss(logits, t, 255), amp):
+        assert half.dtype == torch.float32 and torch.isfinite(half)
+        assert half.item() == pytest.approx(full.item(), rel=1e-5)
+    ce = supervised_ce(logits, t, 255)  # the CE summed over 262144 pixels, divided by their count
+    assert ce.dtype == torch.float32
+    assert ce.item() == pytest.approx(supervised_ce(logits.float(), t, 255).item(), rel=1e-5)
+
+
+def test_prototype_statistics_and_masked_mean_of_fp16_features_are_fp32():
+    g = torch.Generator().manual_seed(0)
+    feats = (torch.rand(4, 3, 256, 256, generator=g) + 1.0).half()
+    labels = torch.zeros(4, 256, 256, dtype=torch.long)
+    labels[0, :8] = 1
+    with torch.autocast("cpu", dtype=torch.float16):  # as in an AMP step: autocast would run the matmul in fp16
+        sums, counts = class_feature_means(feats, labels, num_classes=3, ignore_value=255)
+    ref_sums, ref_counts = class_feature_means(feats.float(), labels, num_classes=3, ignore_value=255)
+    assert sums.dtype == counts.dtype == torch.float32 and torch.isfinite(sums).all()
+    assert counts.tolist() == ref_counts.tolist() == [4 * 256 * 256 - 8 * 256, 8 * 256, 0]
+    assert torch.allclose(sums, ref_sums, rtol=1e-5)
+    values = torch.ones(4, 256, 256, dtype=torch.float16)
+    mean = masked_mean(values, torch.ones(4, 256, 256, dtype=torch.bool))
+    assert mean.dtype == torch.float32 and mean.item() == 1.0

@@ -19,9 +19,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from pycocotools import mask as mask_util
-from skimage import segmentation
 
 from mmt_psm.core.atomic import write_image, write_json
+from mmt_psm.nuclei.deps import skimage
 from mmt_psm.nuclei.evaluator import foreground_probability, instance_scores_of
 from mmt_psm.nuclei.instances import instances_from_probability
 from mmt_psm.nuclei.label_quality import mask_counts, pooled_quality, voronoi_counts
@@ -97,7 +97,7 @@ def predict_probabilities(cfg: CfgNode, weights: str, images: List[Dict], out_di
 def contour_overlay(image: np.ndarray, inst: np.ndarray, bgr: Tuple[int, int, int] = (0, 255, 255)) -> np.ndarray:
     """BGR copy of an RGB image with the instance map's inner boundaries painted ``bgr`` (default yellow)."""
     out = np.ascontiguousarray(image[:, :, ::-1]).copy()
-    out[segmentation.find_boundaries(inst, mode="inner")] = bgr
+    out[skimage("segmentation").find_boundaries(inst, mode="inner")] = bgr
     return out
 
 

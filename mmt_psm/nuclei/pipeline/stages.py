@@ -52,20 +52,24 @@ __all__ = ["run_self_supervised", "run_activation", "run_pseudo_masks", "run_vor
 
 def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log = print_progress,
 ) -> SelfSupervisedNet:
-    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images."""
+    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images, on
+    ``cfg.MODEL.DEVICE`` (resolved by ``load_config``: the CPU where CUDA is missing); the network returned is on
+    that device (stage 2 computes its activation maps there)."""
     refuse_gt_folder(folder)
     s = cfg.PSM.SELF_SUP
+    device = torch.device(cfg.MODEL.DEVICE)
     path = os.path.join(folder, "self_sup.pth")
-    net = SelfSupervisedNet(tuple(s.CHANNELS))
     if os.path.isfile(path):
+        net = SelfSupervisedNet(tuple(s.CHANNELS))
         net.load_state_dict(torch.load(path, map_location="cpu"))
         log(f"[psm stage 1] loaded {path}")
-        return net.eval()
+        return net.to(device).eval()
     os.makedirs(folder, exist_ok=True)
     pixels = [read_he_image(r["file_name"]) for r in images]
     start = time.perf_counter()
     net = train_self_supervised(pixels, s.ITERS, s.CROP, s.BATCH, s.LR, tuple(s.CHANNELS), seed=cfg.SEED % 2**31,
-                                progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"))
+                                progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"),
+                                device=device)
     save_torch(path, net.state_dict())
     log(f"[psm stage 1] trained in {time.perf_counter() - start:.0f} s -> {path}")
     return net
