@@ -70,6 +70,20 @@ def test_label_and_sample_labels_by_iou_at_the_threshold():
     assert sorted(labels.tolist()) == [2] * 5  # no pseudo-label: every proposal is background
 
 
+def test_label_and_sample_lists_positives_first_and_counts_them_on_the_host():
+    # the model slices each image's positives as boxes[:n] (no boolean index, no device sync)
+    pos = [[0, 0, 10, 10 + i * 0.25] for i in range(6)]
+    neg = [[60 + i, 60, 70 + i, 70] for i in range(9)]
+    torch.manual_seed(0)
+    targets = [_targets([[0, 0, 10, 10]], [1]), _targets([], [])]
+    boxes, labels, kept, num_pos = label_and_sample([_props(neg + pos), _props(pos + neg)], targets, 2, 0.5, 8, 0.5,
+                                                    return_indices=True, return_num_positives=True)
+    assert num_pos == [4, 0] and all(isinstance(n, int) for n in num_pos)
+    for b, lab, n in zip(boxes, labels, num_pos):
+        assert bool((lab[:n] != 2).all()) and bool((lab[n:] == 2).all()) and len(lab) == len(b) == 8
+    assert len(label_and_sample([_props(pos)], targets[:1], 2, 0.5, 8, 0.5)) == 2  # default: boxes, labels
+
+
 @pytest.mark.parametrize("n_neg,kept_pos,kept_neg", [(20, 2, 6), (3, 2, 3)])
 def test_label_and_sample_caps_the_positive_fraction(n_neg, kept_pos, kept_neg):
     pos = [[0, 0, 10, 10 + i * 0.25] for i in range(20)]  # 20 proposals with IoU >= 0.5 to the gt box
