@@ -145,12 +145,19 @@ def flipped_batch_model(tmp_path):
 def test_flipped_teacher_views_of_a_padded_batch_map_back_exactly(flipped_batch_model, monkeypatch):
     model, batch = flipped_batch_model
     widths = [d["width"] for d in batch]
-    pooled = []  # per call of _box_logits: (boxes per image, pooled RoI features)
+    pooled = []  # per view through _box_logits: (boxes per image, pooled RoI features)
+    views_per_call = []  # the teacher's views go through the box branch in one batched call
 
     def record_box_logits(m, features, boxes):
         heads = m.roi_heads
-        pooled.append(([b.tensor.clone() for b in boxes],
-                       heads.box_pooler([features[f] for f in heads.box_in_features], boxes)))
+        x = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+        n_img, start = len(batch), 0
+        views_per_call.append(len(boxes) // n_img)
+        for v in range(len(boxes) // n_img):  # the call's boxes and pooled rows are view-major
+            view_boxes = boxes[v * n_img:(v + 1) * n_img]
+            n = sum(len(b) for b in view_boxes)
+            pooled.append(([b.tensor.clone() for b in view_boxes], x[start:start + n]))
+            start += n
         return orig(m, features, boxes)
 
     orig = model._box_logits
@@ -168,6 +175,7 @@ def test_flipped_teacher_views_of_a_padded_batch_map_back_exactly(flipped_batch_
         out = model.unsupervised_losses(batch)
     assert torch.isfinite(out["loss_psm"]) and torch.isfinite(out["loss_mgd"])
     assert len(pooled) == 5 and len(mgd) == 4  # 4 teacher views + the student; mgd per teacher view
+    assert views_per_call == [4, 1]  # one box-branch pass for all teacher views, one for the student
 
     for v in (1, 3):  # flipped views: per image, x -> W_i - x (the image's own width, not the padded one)
         for i, w in enumerate(widths):
