@@ -1,6 +1,8 @@
 """The teacher's passes batched over its views (one backbone pass on all 2K views of a batch, one box-branch pass,
 one mask-head pass, one flip-back gather) equal the per-view loop (``_views_per_pass = 1``): the teacher's
-features, the proposals' sensitivities and every unsupervised loss, on a padded batch of two image sizes."""
+features, the proposals' sensitivities and every unsupervised loss, on a padded batch of two image sizes; and
+the batched features, view logits and flipped-back adapted features equal the teacher's modules run on each view
+alone (a reference that shares no code with the batching)."""
 import numpy as np
 import pytest
 import torch
@@ -37,12 +39,17 @@ def _batch(data):
 
 def _run(model, batch, views_per_pass, monkeypatch):
     """unsupervised_losses with ``views_per_pass`` views per teacher pass; what it computed on the way."""
-    rec = {"backbone": [], "sensitivity": [], "box_rows": []}
+    rec = {"backbone": [], "sensitivity": [], "box_rows": [], "sampled": [], "t_adapted": []}
     hooks = [model.teacher.backbone.register_forward_hook(lambda m, i, out: rec["backbone"].append(out)),
              model.teacher.roi_heads.box_predictor.register_forward_hook(
                  lambda m, i, out: rec["box_rows"].append(out[0].shape[0]))]
     real = rcnn.proposal_sensitivity
     monkeypatch.setattr(rcnn, "proposal_sensitivity", lambda z: rec["sensitivity"].append((z, *real(z))) or real(z))
+    sample, mgd = rcnn.label_and_sample, rcnn.mask_guided_feature_loss
+    monkeypatch.setattr(rcnn, "label_and_sample", lambda *a, **k: rec["sampled"].append(sample(*a, **k))
+                        or rec["sampled"][-1])
+    monkeypatch.setattr(rcnn, "mask_guided_feature_loss", lambda s, t, fg, **k: rec["t_adapted"].append(t)
+                        or mgd(s, t, fg, **k))
     model._views_per_pass = views_per_pass
     try:
         with EventStorage(start_iter=10) as storage:
@@ -54,6 +61,25 @@ def _run(model, batch, views_per_pass, monkeypatch):
             h.remove()
     rec["losses"] = {k: v.detach() for k, v in out.items()}
     return rec
+
+
+@torch.no_grad()
+def _per_view_reference(model, batch, boxes):
+    """Straight from the teacher's modules, one view at a time: its features, the sampled boxes' class logits (the
+    boxes mapped into flipped views by the view's transform) and its adapted features mapped back by
+    ``ViewTransform.inverse_feature_map`` image by image."""
+    heads, out = model.teacher.roi_heads, []
+    for v in range(len(batch[0]["teacher_views"])):
+        feats = model.teacher.backbone(model._images([d["teacher_views"][v] for d in batch]).tensor)
+        tfms = [d["teacher_transforms"][v] for d in batch]
+        view_boxes = [t.apply_boxes(b) if t.hflip else b for t, b in zip(tfms, boxes)]
+        logits = heads.box_predictor(heads.box_head(heads.box_pooler([feats[f] for f in heads.box_in_features],
+                                                                     view_boxes)))[0]
+        adapted = model.adaptors_teacher({f: feats[f] for f in model.mgd_features})
+        back = {k: torch.cat([t.inverse_feature_map(x[i:i + 1], model.strides[k]) for i, t in enumerate(tfms)])
+                for k, x in adapted.items()}
+        out.append((feats, logits, back))
+    return out
 
 
 @pytest.mark.parametrize("switches", [PAPER, PLUS], ids=["paper", "plus"])
@@ -94,3 +120,14 @@ def test_batched_teacher_views_equal_the_per_view_loop(data, tmp_path, monkeypat
     for k, v in loop["logged"].items():
         assert batched["logged"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     assert batched["logged"]["mmt_psm/pseudo_labels_per_image"] > 0
+
+    # against the teacher's modules on each view alone
+    reference = _per_view_reference(model, batch, batched["sampled"][0][0])
+    for v, (feats, logits, adapted) in enumerate(reference):
+        for level, feat in feats.items():
+            torch.testing.assert_close(batched["backbone"][0][level][v * n_img:(v + 1) * n_img], feat)
+        torch.testing.assert_close(z_b[v], logits, rtol=1e-5, atol=1e-5)  # fused: from the detection pass
+        if switches is PAPER:
+            assert len(batched["t_adapted"]) == n_views
+            for level, x in adapted.items():
+                torch.testing.assert_close(batched["t_adapted"][v][level], x)
