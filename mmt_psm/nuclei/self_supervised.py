@@ -79,24 +79,26 @@ def random_crops(images: List[np.ndarray], n: int, size: int, rng: np.random.Gen
 def train_self_supervised(
     images: List[np.ndarray], iters: int = 300, crop: int = 128, batch: int = 8, lr: float = 1e-3,
     channels: Sequence[int] = (16, 32, 64, 128), seed: int = 0,
-    progress: Optional[Callable[[int, float], None]] = None,
+    progress: Optional[Callable[[int, float], None]] = None, device: str = "cpu",
 ) -> SelfSupervisedNet:
     """Train :class:`SelfSupervisedNet` on random crops of ``images`` (HxWx3 uint8 RGB) with the rot180 L1 loss
-    (Adam); returns the network in eval mode. ``progress(iteration, loss)`` is called every 50 iterations."""
+    (Adam) on ``device`` (the crops are drawn on the host either way, so a seed gives the same crops); returns the
+    network in eval mode, on the CPU (stage 2 runs there). ``progress(iteration, loss)`` is called every 50
+    iterations."""
     if not images:
         raise ValueError("self-supervised training needs at least one image")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SelfSupervisedNet(channels)
+    net = SelfSupervisedNet(channels).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     start = time.perf_counter()
     for it in range(iters):
-        loss = rot180_l1_loss(net, random_crops(images, batch, crop, rng))
+        loss = rot180_l1_loss(net, random_crops(images, batch, crop, rng).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if progress is not None and ((it + 1) % 50 == 0 or it + 1 == iters):
             progress(it + 1, loss.item())
-    logger.info(f"self-supervised net: {iters} iterations in {time.perf_counter() - start:.1f} s")
-    return net.eval()
+    logger.info(f"self-supervised net: {iters} iterations on {device} in {time.perf_counter() - start:.1f} s")
+    return net.cpu().eval()

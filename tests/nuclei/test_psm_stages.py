@@ -1,9 +1,12 @@
 """PSM stages 1-3, 5 and the instance step on hand-made inputs with known answers."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from common import REPO
 from psm_common import he_tile
 
 from mmt_psm.nuclei.instances import instances_from_probability
@@ -54,6 +57,25 @@ def test_self_supervised_training_lowers_rot180_loss():
     assert not net.training
     with torch.no_grad():
         assert float(rot180_l1_loss(net, crops)) < max(before, 1e-3)
+
+
+def test_stage1_trains_on_model_device_and_hands_back_a_cpu_net(tmp_path, monkeypatch):
+    from mmt_psm.config import load_config
+    from mmt_psm.nuclei.pipeline import stages
+
+    img, _ = he_tile((48, 48))
+    calls = []
+    train = stages.train_self_supervised
+    monkeypatch.setattr(stages, "read_he_image", lambda path: img)
+    monkeypatch.setattr(stages, "train_self_supervised", lambda *a, **k: calls.append(k) or train(*a, **{
+        **k, "device": "cpu"}))
+    cfg = load_config(os.path.join(REPO, "configs", "psm", "Base-PSM-UNet.yaml"),
+                      ["MODEL.DEVICE", "cuda:3", "PSM.SELF_SUP.ITERS", 2, "PSM.SELF_SUP.CROP", 16,
+                       "PSM.SELF_SUP.CHANNELS", (4, 8)])
+    net = stages.run_self_supervised([{"file_name": "tile.png", "stem": "tile"}], str(tmp_path / "labels"), cfg,
+                                     log=lambda msg: None)
+    assert [k["device"] for k in calls] == ["cuda:3"]  # MODEL.DEVICE reaches stage 1's training
+    assert not net.training and all(p.device.type == "cpu" for p in net.parameters())
 
 
 def test_pseudo_mask_finds_known_blobs():

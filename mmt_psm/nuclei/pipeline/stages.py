@@ -52,7 +52,8 @@ __all__ = ["run_self_supervised", "run_activation", "run_pseudo_masks", "run_vor
 
 def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log = print_progress,
 ) -> SelfSupervisedNet:
-    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images."""
+    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images, on
+    ``MODEL.DEVICE``."""
     refuse_gt_folder(folder)
     s = cfg.PSM.SELF_SUP
     path = os.path.join(folder, "self_sup.pth")
@@ -65,7 +66,8 @@ def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log 
     pixels = [read_he_image(r["file_name"]) for r in images]
     start = time.perf_counter()
     net = train_self_supervised(pixels, s.ITERS, s.CROP, s.BATCH, s.LR, tuple(s.CHANNELS), seed=cfg.SEED % 2**31,
-                                progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"))
+                                progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"),
+                                device=cfg.MODEL.DEVICE)
     save_torch(path, net.state_dict())
     log(f"[psm stage 1] trained in {time.perf_counter() - start:.0f} s -> {path}")
     return net
