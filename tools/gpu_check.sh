@@ -6,6 +6,9 @@
 # For the project's first GPU machine (one NVIDIA GPU, no internet, torch preinstalled). Bring along the Detectron2
 # wheel of `python tools/install_detectron2.py` (build/wheels/detectron2-*.whl) and the wheels of
 # ../shared/device-wheels (or GPU_CHECK_WHEELS=DIR); the `setup` check installs them into output/gpu_check/site.
+# `bash tools/gpu_check.sh --prepare-carry` (on this side) copies the wheels, the ACDC slices and two MoNuSeg tiles
+# into build/device-wheels and build/shared-data (git-ignored, ~40 MiB): carry build/wheels, build/device-wheels and
+# build/shared-data to the GPU machine and run `make gpu-check` there.
 # Prints one line per check, `PASS name`, `FAIL name (reason)` or `SKIP name (reason)` (data not there, or a check it
 # needs failed), keeps each check's log in output/gpu_check/logs/ and writes output/gpu_check/summary.json (schema
 # mmt_psm.gpu_check/1: checks with status, reason, seconds, log, command; benchmark numbers; environment). Every
@@ -35,7 +38,20 @@ export OUT=${GPU_CHECK_OUT:-output/gpu_check}
 export DEV=${GPU_CHECK_DEVICE:-cuda}
 export TRAIN_OPTS=${GPU_CHECK_TRAIN_OPTS:-}
 export WHEELS=${GPU_CHECK_WHEELS:-$(first_dir shared/device-wheels ../shared/device-wheels build/device-wheels)}
-export SHARED_DATA=${GPU_CHECK_DATA:-$(first_dir shared/data ../shared/data)}
+export SHARED_DATA=${GPU_CHECK_DATA:-$(first_dir shared/data ../shared/data build/shared-data)}
+
+if [ "${1:-}" = "--prepare-carry" ]; then  # on the machine with ../shared: what the GPU machine needs, git-ignored
+  set -e
+  mkdir -p build/device-wheels build/shared-data/cardiac build/shared-data/nuclei/monuseg/train/images
+  cp "$WHEELS"/*.whl build/device-wheels/
+  rm -rf build/shared-data/cardiac/acdc_slices
+  cp -r "$SHARED_DATA/cardiac/acdc_slices" build/shared-data/cardiac/
+  for f in $(ls "$SHARED_DATA"/nuclei/monuseg/train/images/* | head -2); do cp "$f" build/shared-data/nuclei/monuseg/train/images/; done
+  ls build/wheels/detectron2-*.whl 2>/dev/null || echo "no build/wheels/detectron2-*.whl yet: python tools/install_detectron2.py --route sdist --force writes it"
+  du -sh build/wheels build/device-wheels build/shared-data 2>/dev/null
+  echo "carry: build/wheels build/device-wheels build/shared-data; then on the GPU machine: make gpu-check"
+  exit 0
+fi
 case $OUT in /*) SITE=$OUT/site ;; *) SITE=$REPO/$OUT/site ;; esac
 export SITE
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
