@@ -58,10 +58,10 @@ export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 # ------------------------------------------------------------------ the checks
-# add NAME TIMEOUT_S MODE DEPS 'COMMAND': MODE seq (one after the other) or bg (started together with the bg checks
-# next to it, collected before the next seq check); DEPS: checks that must pass first (else SKIP). Commands are run by
-# `bash -c` with the variables above exported; values with shell characters go through variables (unquoted $X
-# expands to its words).
+# add NAME TIMEOUT_S MODE DEPS 'COMMAND': MODE seq (one at a time, in order) or bg (started in the background at its
+# place in the list, running beside the seq checks after it, reported at the end); DEPS: checks that must pass first
+# (else SKIP). The timed benchmarks come before any bg check. Commands are run by `bash -c` with the variables above
+# exported; values with shell characters go through variables (an unquoted $X expands to its words).
 NAMES=(); TIMEOUTS=(); MODES=(); DEPS=(); CMDS=()
 add() { NAMES+=("$1"); TIMEOUTS+=("$2"); MODES+=("$3"); DEPS+=("$4"); CMDS+=("$5"); }
 
@@ -95,15 +95,6 @@ for cfg in paper:mmt_psm_R50 plus:mmt_psm_plus_R50; do
   add "bench_${cfg%%:*}_amp" 150 seq data_synthetic \
     "\$PY tools/benchmark.py --config-file configs/${cfg#*:}.yaml \$BENCH --amp \$TRAIN_OPTS > \$OUT/bench/bench_${cfg%%:*}_amp.json"
 done
-add e2e_train_50 180 seq data_synthetic \
-  '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml $E2E_OPTS SOLVER.MAX_ITER 50'
-add e2e_resume_60 120 seq e2e_train_50 \
-  '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml --resume $E2E_OPTS SOLVER.MAX_ITER 60'
-add e2e_eval_only 150 seq e2e_resume_60 \
-  '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml --eval-only $E2E_OPTS SOLVER.MAX_ITER 60 $EVAL_OPTS && $PY tools/gpu_check_steps.py expect-keys $OUT/e2e_eval/eval_results.json segm/AP segm_student/AP bbox/AP bbox_student/AP --allow-nan'
-add e2e_export_predictor 90 seq e2e_resume_60 \
-  '$PY tools/export_teacher.py $OUT/e2e && $PY tools/gpu_check_steps.py predict --config $OUT/e2e/config_teacher.yaml --image datasets/synthetic/images/test_0.png --device $DEV'
-add ddp_gloo_2proc 150 seq data_synthetic '$PY tools/gpu_check_steps.py ddp --out $OUT/ddp --device $DEV --timeout 140'
 add data_acdc 90 seq "" \
   'test -d $ACDC_SRC || { echo "no ACDC slices at $ACDC_SRC (GPU_CHECK_DATA=DIR: DIR/cardiac/acdc_slices)"; exit 77; }; $PY datasets/prepare_acdc.py --source $ACDC_SRC'
 for c in supervised_p3 supervised_all scribble_only mixed_supervision mean_teacher lcc_mean_teacher lcc_plus; do
@@ -113,6 +104,17 @@ for c in supervised_p3 supervised_all scribble_only mixed_supervision mean_teach
 done
 add psm_stage1_cuda 150 bg "" \
   'test -d $PSM_IMAGES || { echo "no MoNuSeg tiles at $PSM_IMAGES"; exit 77; }; rm -rf $OUT/psm && $PY tools/psm_stage.py activation --images $PSM_IMAGES --labels $OUT/psm/labels --config configs/psm/Base-PSM-UNet.yaml MODEL.DEVICE $DEV PSM.SELF_SUP.ITERS 100'
+
+# while the bg checks above run (not timed), the Mask R-CNN runs
+add e2e_train_50 180 seq data_synthetic \
+  '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml $E2E_OPTS SOLVER.MAX_ITER 50'
+add e2e_resume_60 120 seq e2e_train_50 \
+  '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml --resume $E2E_OPTS SOLVER.MAX_ITER 60'
+add e2e_eval_only 150 seq e2e_resume_60 \
+  '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml --eval-only $E2E_OPTS SOLVER.MAX_ITER 60 $EVAL_OPTS && $PY tools/gpu_check_steps.py expect-keys $OUT/e2e_eval/eval_results.json segm/AP segm_student/AP bbox/AP bbox_student/AP --allow-nan'
+add e2e_export_predictor 90 seq e2e_resume_60 \
+  '$PY tools/export_teacher.py $OUT/e2e && $PY tools/gpu_check_steps.py predict --config $OUT/e2e/config_teacher.yaml --image datasets/synthetic/images/test_0.png --device $DEV'
+add ddp_gloo_2proc 150 seq data_synthetic '$PY tools/gpu_check_steps.py ddp --out $OUT/ddp --device $DEV --timeout 140'
 
 # ------------------------------------------------------------------ bookkeeping
 MODE=run
@@ -181,44 +183,37 @@ start() {
   PENDING+=("$i:$!")
 }
 
-collect() {  # wait for every started check, record them in plan order
-  local entry i pid name rc t secs reason last
-  for entry in "${PENDING[@]}"; do
-    i=${entry%%:*}; pid=${entry#*:}; name=${NAMES[$i]}
-    wait "$pid"
-    rc=$(cat "$OUT/logs/$name.rc" 2>/dev/null || echo 1)
-    t=$(cat "$OUT/logs/$name.limit")
-    secs=$(( $(date +%s) - $(cat "$OUT/logs/$name.start") ))
-    reason=""
-    if [ "$rc" = 0 ]; then
-      record "$name" pass 0 "$secs" "$(last_line "$OUT/logs/$name.log")" "$OUT/logs/$name.log" "${CMDS[$i]}"
-    elif [ "$rc" = 77 ]; then
-      record "$name" skip 77 "$secs" "$(last_line "$OUT/logs/$name.log")" "$OUT/logs/$name.log" "${CMDS[$i]}"
-    else
-      if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then reason="timeout after $t s"; else reason="exit $rc"; fi
-      last=$(last_line "$OUT/logs/$name.log")
-      reason="$reason${last:+: $last}"
-      record "$name" fail "$rc" "$secs" "$reason" "$OUT/logs/$name.log" "${CMDS[$i]}"
-    fi
-  done
-  PENDING=()
+finish() {  # wait for one started check ("index:pid") and record it
+  local i=${1%%:*} pid=${1#*:} name rc t secs reason last
+  name=${NAMES[$i]}
+  wait "$pid"
+  rc=$(cat "$OUT/logs/$name.rc" 2>/dev/null || echo 1)
+  t=$(cat "$OUT/logs/$name.limit")
+  secs=$(( $(date +%s) - $(cat "$OUT/logs/$name.start") ))
+  if [ "$rc" = 0 ]; then
+    record "$name" pass 0 "$secs" "$(last_line "$OUT/logs/$name.log")" "$OUT/logs/$name.log" "${CMDS[$i]}"
+  elif [ "$rc" = 77 ]; then
+    record "$name" skip 77 "$secs" "$(last_line "$OUT/logs/$name.log")" "$OUT/logs/$name.log" "${CMDS[$i]}"
+  else
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then reason="timeout after $t s"; else reason="exit $rc"; fi
+    last=$(last_line "$OUT/logs/$name.log")
+    record "$name" fail "$rc" "$secs" "$reason${last:+: $last}" "$OUT/logs/$name.log" "${CMDS[$i]}"
+  fi
 }
 
+BG=()
 for i in "${!NAMES[@]}"; do
   selected "${NAMES[$i]}" || continue
-  if [ "${MODES[$i]}" = seq ]; then
-    collect
-    start "$i"
-    collect
-  else  # bg: starts now, collected at the next seq check or at the end
-    start "$i"
-  fi
+  PENDING=()
+  start "$i"
+  [ ${#PENDING[@]} -eq 0 ] && continue  # recorded already (skipped, or no time left)
+  if [ "${MODES[$i]}" = seq ]; then finish "${PENDING[0]}"; else BG+=("${PENDING[0]}"); fi
 done
-collect
+for entry in ${BG[@]+"${BG[@]}"}; do finish "$entry"; done
 
 "$PY" tools/gpu_check_steps.py summary --results "$RESULTS" --out "$OUT/summary.json" --bench-dir "$OUT/bench" \
   --env "$OUT/env.json" --mode "$MODE" --started "$STARTED" --wall-s "$(( $(date +%s) - START ))" \
   --budget-s "$BUDGET" || echo "FAIL summary (could not write $OUT/summary.json)"
-for s in "${STATUS[@]}"; do [ "$s" = fail ] && exit 1; done
+for s in ${STATUS[@]+"${STATUS[@]}"}; do [ "$s" = fail ] && exit 1; done
 [ -f "$OUT/summary.json" ] || exit 1
 exit 0

@@ -11,13 +11,13 @@ import sys
 from common import REPO
 
 SCRIPT = os.path.join(REPO, "tools", "gpu_check.sh")
-CHECKS = [
-    "setup", "data_synthetic", "cuda_ema_amp", "cuda_mmt_psm_fp16", "cuda_semantic_amp", "cuda_psm_stage1",
-    "bench_paper_fp32", "bench_paper_amp", "bench_plus_fp32", "bench_plus_amp",
-    "e2e_train_50", "e2e_resume_60", "e2e_eval_only", "e2e_export_predictor", "ddp_gloo_2proc", "data_acdc",
-    "acdc_supervised_p3", "acdc_supervised_all", "acdc_scribble_only", "acdc_mixed_supervision",
-    "acdc_mean_teacher", "acdc_lcc_mean_teacher", "acdc_lcc_plus", "psm_stage1_cuda",
-]
+SEQ_FIRST = ["setup", "data_synthetic", "cuda_ema_amp", "cuda_mmt_psm_fp16", "cuda_semantic_amp", "cuda_psm_stage1",
+             "bench_paper_fp32", "bench_paper_amp", "bench_plus_fp32", "bench_plus_amp", "data_acdc"]
+BG = ["acdc_supervised_p3", "acdc_supervised_all", "acdc_scribble_only", "acdc_mixed_supervision", "acdc_mean_teacher",
+      "acdc_lcc_mean_teacher", "acdc_lcc_plus", "psm_stage1_cuda"]  # in the background beside the checks after them
+SEQ_LAST = ["e2e_train_50", "e2e_resume_60", "e2e_eval_only", "e2e_export_predictor", "ddp_gloo_2proc"]
+CHECKS = SEQ_FIRST + BG + SEQ_LAST  # the plan's order
+REPORTED = SEQ_FIRST + SEQ_LAST + BG  # the order of the PASS lines: background checks are reported at the end
 CHECK_KEYS = {"name", "status", "rc", "seconds", "reason", "detail", "log", "command", "metrics"}
 SUMMARY_KEYS = {"schema", "mode", "started", "finished", "wall_s", "budget_s", "ok", "passed", "failed", "skipped",
                 "env", "benchmark", "checks"}
@@ -81,11 +81,11 @@ def _summary(tmp_path):
 def test_stub_checks_give_one_line_each_and_the_summary_schema(tmp_path):
     proc = _run(tmp_path, GPU_CHECK_STUB="true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _lines(proc) == [f"PASS {name}" for name in CHECKS]
+    assert _lines(proc) == [f"PASS {name}" for name in REPORTED]
     s = _summary(tmp_path)
     assert set(s) == SUMMARY_KEYS and s["schema"] == "mmt_psm.gpu_check/1" and s["mode"] == "stub-true"
     assert (s["ok"], s["passed"], s["failed"], s["skipped"], s["budget_s"]) == (True, len(CHECKS), 0, 0, 480)
-    assert [c["name"] for c in s["checks"]] == CHECKS
+    assert [c["name"] for c in s["checks"]] == REPORTED
     for c in s["checks"]:
         assert set(c) == CHECK_KEYS and c["status"] == "pass" and c["rc"] == 0 and c["reason"] is None
         assert isinstance(c["seconds"], float) and c["log"].endswith(f"logs/{c['name']}.log") and c["command"]
@@ -95,7 +95,7 @@ def test_stub_checks_give_one_line_each_and_the_summary_schema(tmp_path):
     proc = _run(tmp_path, GPU_CHECK_STUB="true", GPU_CHECK_STUB_FAIL=",".join(sorted(failing)))
     assert proc.returncode == 1
     status = {ln.split()[1]: ln.split()[0] for ln in _lines(proc)}
-    assert list(status) == CHECKS
+    assert sorted(status) == sorted(CHECKS) and len(_lines(proc)) == len(CHECKS)
     assert {n for n, st in status.items() if st == "FAIL"} == failing
     skipped = {n for n, st in status.items() if st == "SKIP"}
     assert skipped == {"e2e_resume_60", "e2e_eval_only", "e2e_export_predictor"} | {
@@ -154,3 +154,12 @@ def test_summary_keeps_the_benchmark_numbers_and_the_amp_speedup(tmp_path):
     assert checks["bench_paper_fp32"]["metrics"] == paper["fp32"] and checks["bench_plus_fp32"]["metrics"] is None
     assert checks["bench_plus_fp32"]["reason"] == "exit 1: boom" and (s["ok"], s["failed"]) == (False, 1)
     assert "AMP speed-up of the MMT-PSM step 1.50x" in proc.stdout
+
+
+def test_background_checks_run_beside_the_later_checks(tmp_path):
+    only = "acdc_lcc_plus,psm_stage1_cuda,e2e_train_50"  # two bg checks, then a seq one: 3 x 3 s in ~3 s
+    proc = _run(tmp_path, GPU_CHECK_STUB="sleep 3", GPU_CHECK_ONLY=only, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+    assert _lines(proc) == ["PASS e2e_train_50", "PASS acdc_lcc_plus", "PASS psm_stage1_cuda"]
+    s = _summary(tmp_path)
+    assert all(c["seconds"] >= 3 for c in s["checks"]) and s["wall_s"] < 8  # one after the other would be 9 s
