@@ -15,7 +15,8 @@ head run once on the boxes of all views that need them, and the flipped views' f
 gather. ``part_timer`` (None, or a callable ``name -> context manager``) is entered around the parts of a step
 (``sup_forward``, ``teacher_other`` and inside it ``teacher_backbones``, ``teacher_rpn``, ``teacher_detect``,
 ``teacher_mask_head``, ``teacher_fg_map``, ``teacher_box_heads``, ``teacher_distill_masks``; then
-``student_unsup``), the hook ``tools/benchmark.py --profile`` times them with.
+``student_unsup``), the hook ``tools/benchmark.py --profile`` times them with. ``TEACHER_VIEWS_PER_PASS`` 1 runs
+the teacher one view at a time instead (the same losses; on a CPU no slower and a lower peak).
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         mask_distill_weight: float = 1.0,
         mask_distill_max_positives: int = 0,
         eval_with: str = "teacher",
+        views_per_pass: int = 0,
     ):
         super().__init__()
         self.student = student
@@ -132,9 +134,11 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         self._last_pseudo = None
         # the public profiling hook (module docstring): None, or name -> context manager entered around each part
         self.part_timer: Optional[Callable[[str], ContextManager]] = None
-        # teacher views per backbone / box-head / mask-head pass: 0 = all views in one pass; 1 = one pass per view
-        # (the per-view loop, kept as the reference of tests/instance/test_batched_teacher.py)
-        self._views_per_pass = 0
+        # teacher views per backbone / box-head / mask-head pass (TEACHER_VIEWS_PER_PASS): 0 = all views in one
+        # pass; 1 = one pass per view (the per-view loop, also the reference of tests/instance/test_batched_teacher.py)
+        if views_per_pass < 0:
+            raise ValueError(f"TEACHER_VIEWS_PER_PASS must be >= 0 (0 = all views), got {views_per_pass}")
+        self.views_per_pass = views_per_pass
         self.adaptors_teacher.eval()
         # the shared core: frozen eval-mode teacher, evaluate_with, loss_weight, plain-detector loading
         self._init_teacher_student(eval_with)
@@ -179,6 +183,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             "mask_distill": m.MASK_DISTILL,
             "mask_distill_weight": m.MASK_DISTILL_WEIGHT,
             "mask_distill_max_positives": m.MASK_DISTILL_MAX_POSITIVES,
+            "views_per_pass": m.TEACHER_VIEWS_PER_PASS,
         }
 
     # ------------------------------------------------------------------ teacher-student interface
@@ -245,7 +250,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
 
     def _view_passes(self, start: int, stop: int) -> List[Tuple[int, int]]:
         """Views ``[start, stop)`` as ``[a, z)`` ranges of one teacher pass each (all at once by default)."""
-        step = max(self._views_per_pass or (stop - start), 1)
+        step = max(self.views_per_pass or (stop - start), 1)
         return [(a, min(a + step, stop)) for a in range(start, stop, step)]
 
     def _teacher_features(self, images: ImageList, n_views: int) -> Dict[str, torch.Tensor]:

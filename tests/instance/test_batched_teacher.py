@@ -1,5 +1,5 @@
 """The teacher's passes batched over its views (one backbone pass on all 2K views of a batch, one box-branch pass,
-one mask-head pass, one flip-back gather) equal the per-view loop (``_views_per_pass = 1``): the teacher's
+one mask-head pass, one flip-back gather) equal the per-view loop (``TEACHER_VIEWS_PER_PASS 1``): the teacher's
 features, the proposals' sensitivities and every unsupervised loss, on a padded batch of two image sizes; and
 the batched features, view logits and flipped-back adapted features equal the teacher's modules run on each view
 alone (a reference that shares no code with the batching)."""
@@ -18,6 +18,8 @@ from mmt_psm.instance.views import make_unlabeled_views
 PAPER = ["MODEL.RESNETS.NORM", "BN"]  # the paper config's BatchNorm backbone (eval mode in the teacher)
 PLUS = ["MODEL.MMT_PSM.FUSE_ALL_VIEWS", True, "MODEL.MMT_PSM.MASK_DISTILL", True, "MODEL.MMT_PSM.MGD_LOSS", False,
         "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES", 4]
+
+REAL = (rcnn.proposal_sensitivity, rcnn.label_and_sample, rcnn.mask_guided_feature_loss)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +45,13 @@ def _run(model, batch, views_per_pass, monkeypatch):
     hooks = [model.teacher.backbone.register_forward_hook(lambda m, i, out: rec["backbone"].append(out)),
              model.teacher.roi_heads.box_predictor.register_forward_hook(
                  lambda m, i, out: rec["box_rows"].append(out[0].shape[0]))]
-    real = rcnn.proposal_sensitivity
+    real, sample, mgd = REAL  # the unpatched functions (a second run must not call the first run's recorders)
     monkeypatch.setattr(rcnn, "proposal_sensitivity", lambda z: rec["sensitivity"].append((z, *real(z))) or real(z))
-    sample, mgd = rcnn.label_and_sample, rcnn.mask_guided_feature_loss
     monkeypatch.setattr(rcnn, "label_and_sample", lambda *a, **k: rec["sampled"].append(sample(*a, **k))
                         or rec["sampled"][-1])
     monkeypatch.setattr(rcnn, "mask_guided_feature_loss", lambda s, t, fg, **k: rec["t_adapted"].append(t)
                         or mgd(s, t, fg, **k))
-    model._views_per_pass = views_per_pass
+    model.views_per_pass = views_per_pass
     try:
         with EventStorage(start_iter=10) as storage:
             torch.manual_seed(1)  # proposal sampling (and the positives' subsample) draw from torch's RNG
@@ -120,6 +121,11 @@ def test_batched_teacher_views_equal_the_per_view_loop(data, tmp_path, monkeypat
     for k, v in loop["logged"].items():
         assert batched["logged"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     assert batched["logged"]["mmt_psm/pseudo_labels_per_image"] > 0
+    pairs = _run(model, batch, 2, monkeypatch)  # two views per pass: the same again
+    assert [f["p2"].shape[0] for f in pairs["backbone"]] == [2 * n_img] * 2
+    torch.testing.assert_close(pairs["sensitivity"][0][2], sens_l)
+    for k in expected:
+        torch.testing.assert_close(pairs["losses"][k], loop["losses"][k])
 
     # against the teacher's modules on each view alone
     reference = _per_view_reference(model, batch, batched["sampled"][0][0])
@@ -131,3 +137,15 @@ def test_batched_teacher_views_equal_the_per_view_loop(data, tmp_path, monkeypat
             assert len(batched["t_adapted"]) == n_views
             for level, x in adapted.items():
                 torch.testing.assert_close(batched["t_adapted"][v][level], x)
+
+
+def test_views_per_pass_comes_from_the_config(data, tmp_path):
+    cfg = tiny_cfg(str(tmp_path), data, "MMTPSMRCNN")
+    assert build_model(cfg).views_per_pass == 0  # default: every view in one pass
+    cfg.MODEL.MMT_PSM.TEACHER_VIEWS_PER_PASS = 2
+    model = build_model(cfg)
+    assert model.views_per_pass == 2 and model._view_passes(0, 4) == [(0, 2), (2, 4)]
+    assert model._view_passes(1, 4) == [(1, 3), (3, 4)]
+    cfg.MODEL.MMT_PSM.TEACHER_VIEWS_PER_PASS = -1
+    with pytest.raises(ValueError, match="TEACHER_VIEWS_PER_PASS must be >= 0"):
+        build_model(cfg)
