@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmt_psm_setup
 
-.PHONY: setup test quickstart lint clean psm
+.PHONY: setup test quickstart lint clean psm gpu-check
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ PSM_ARGS ?= --images monuseg_train --train-gt monuseg_train_labels_for_eval --te
 psm: setup
 	test -d datasets/nuclei/monuseg/test || $(PY) datasets/prepare_monuseg.py
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/psm_pipeline.py $(PSM_ARGS)
+
+# GPU check (tools/gpu_check.sh, its header says what to bring): on a GPU machine, at most 8 minutes, one PASS/FAIL
+# line per check and output/gpu_check/summary.json; no .venv there (the machine's python + the carried wheels)
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build output_quickstart .pytest_cache

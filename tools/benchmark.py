@@ -21,12 +21,13 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import detectron2
 import numpy as np
@@ -38,8 +39,13 @@ from detectron2.utils.events import EventStorage, get_event_storage
 
 from mmt_psm.config import load_config  # importing mmt_psm registers its models
 from mmt_psm.core.ema import ema_update_
-from mmt_psm.instance import mmt_psm_rcnn as rcnn_module
-from mmt_psm.instance.bench_inputs import dataset_dicts, labeled_dict, load_weights, unlabeled_dict
+from mmt_psm.instance.bench_inputs import (
+    data_loading_times,
+    dataset_dicts,
+    labeled_dict,
+    load_weights,
+    unlabeled_dict,
+)
 from mmt_psm.instance.view_mapper import MMTPSMViewMapper
 
 NAMES = {"A": "MMT-PSM", "T": "MMT-PSM, trained weights", "B": "supervised, same images",
@@ -65,7 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--weights", default="", help="a trained checkpoint (plain detector or MMT-PSM): adds variant "
                    "T = MMT-PSM with it as teacher and student (realistic pseudo-label count), B/C load it too")
     p.add_argument("--dataset", default="", help="take the images from this registered labeled data set "
-                   "(training mappers, config crop/resize; --size/--instances ignored) instead of noise images")
+                   "(training mappers, config crop/resize; --size/--instances ignored) instead of noise images; "
+                   "also times the mappers on one step's images (data time)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
@@ -106,57 +113,31 @@ class PhaseTimer:
 
 
 def install_mmt_profile_hooks(model: torch.nn.Module, timer: PhaseTimer) -> Callable[[], None]:
-    """Split an MMT-PSM forward into parts with module hooks and wrappers (no model edits).
+    """Split an MMT-PSM forward into parts through the model's public ``part_timer`` hook (``MMTPSMRCNN``).
 
-    Parts: ``sup_forward`` (student, labeled images), ``teacher_backbones`` (all views), ``teacher_rpn``,
-    ``teacher_detect`` (box branch on every proposal of a view, box inference, NMS), ``teacher_mask_head`` (on
-    the detections), ``teacher_fg_map``, ``teacher_box_heads`` (the sampled proposals on views whose detection
-    pass did not score them), ``teacher_distill_masks`` (mask logits of the positives, mask distillation),
-    ``teacher_other`` (fusion, sampling, adaptors, flips, sensitivity, mining), ``student_unsup`` (student view
-    backbone, box head, adaptors, losses). Returns an undo function.
+    Parts: ``sup_forward`` (student, labeled images), ``teacher_backbones`` (all views, one batched pass),
+    ``teacher_rpn``, ``teacher_detect`` (box branch on every proposal of the views it detects on, box inference,
+    NMS), ``teacher_mask_head`` (on the detections), ``teacher_fg_map``, ``teacher_box_heads`` (the sampled
+    proposals on views whose detection pass did not score them), ``teacher_distill_masks`` (mask logits of the
+    positives, mask distillation), ``teacher_other`` (images to the device, fusion, sampling, adaptors, flips,
+    sensitivity, mining), ``student_unsup`` (student view backbone, box head, adaptors, losses). Returns an undo
+    function.
     """
     stack: List[Optional[str]] = []
-    handles, undo = [], []
-    enter = lambda phase: stack.append(timer.phase) or timer.switch(phase)
-    leave = lambda *_: timer.switch(stack.pop())  # hooks must return None, else they replace inputs/outputs
 
-    def hook(module: torch.nn.Module, phase: str) -> None:
-        pre = lambda *_: enter(phase)
-        handles.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(leave)])
+    @contextlib.contextmanager
+    def part(name: str) -> Iterator[None]:
+        stack.append(timer.phase)
+        timer.switch(name)
+        try:
+            yield
+        finally:
+            timer.switch(stack.pop())
 
-    def wrap(owner: Any, name: str, phase: str, when: Callable[..., bool] = lambda *a: True) -> None:
-        original = getattr(owner, name)
-
-        def timed(*a: Any, **k: Any) -> Any:
-            if not when(*a):
-                return original(*a, **k)
-            enter(phase)
-            try:
-                return original(*a, **k)
-            finally:
-                leave()
-
-        setattr(owner, name, timed)
-        undo.append(lambda: owner.__dict__.pop(name) if owner is model else setattr(owner, name, original))
-
-    # the student backbone runs on the student view right after the teacher part of unsupervised_losses
-    student_view = lambda *_: timer.switch("student_unsup") if timer.phase == "teacher_other" else None
-
-    t = model.teacher
-    parts = ((model.student, "sup_forward"), (t.backbone, "teacher_backbones"), (t.proposal_generator, "teacher_rpn"),
-             (getattr(t.roi_heads, "mask_head", None), "teacher_mask_head"))
-    for module, phase in (p for p in parts if p[0] is not None):
-        hook(module, phase)
-    handles.append(model.student.backbone.register_forward_pre_hook(student_view))
-    wrap(rcnn_module, "foreground_map", "teacher_fg_map")
-    wrap(model, "_teacher_roi", "teacher_detect")  # the teacher's detection pass on one view
-    wrap(model, "_box_logits", "teacher_box_heads", lambda m, *a: m is model.teacher)
-    wrap(model, "_mask_logits", "teacher_distill_masks", lambda m, *a: m is model.teacher)
-    wrap(model, "unsupervised_losses", "teacher_other")
+    model.part_timer = part
 
     def remove() -> None:
-        for undo_one in [h.remove for h in handles] + undo[::-1]:  # model methods: back to the class's
-            undo_one()
+        model.part_timer = None
 
     return remove
 
@@ -319,6 +300,8 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             out["profile"] = {k: summarize_profile(t.steps) for k, t in timers.items()}
     med = {v.key: statistics.median(v.times) for v in variants}
     ratio = lambda a, b: a / b if a is not None and b else None
+    # the data side of an MMT-PSM step (real images only): its L + U images through the training mappers
+    data_s = statistics.median(data_loading_times(cfg, args, args.iters)) if args.dataset else None
     peak = {v.key: (max(v.step_peaks) + v.state_bytes if v.step_peaks else None) for v in variants}
     out.update({
         "step_time_ratio_same_images": med["A"] / med["B"],
@@ -327,6 +310,9 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         "step_time_ratio_same_labeled_trained": ratio(med.get("T"), med["C"]),
         "peak_mem_ratio_same_images": ratio(peak["A"], peak["B"]),
         "peak_mem_ratio_same_labeled": ratio(peak["A"], peak["C"]),
+        "data_time_per_step_s": data_s,
+        "data_time_share_serial": ratio(data_s, None if data_s is None else data_s + med["A"]),
+        "loader_workers_to_hide_data_time": None if data_s is None else math.ceil(data_s / med["A"]),
         "variants": {v.key: {
             "name": NAMES[v.key], "labeled_images": sum(d["labeled"] for d in v.batch),
             "unlabeled_images": sum(not d["labeled"] for d in v.batch), "median_step_s": med[v.key],
@@ -374,6 +360,10 @@ def format_report(r: Dict[str, Any]) -> str:
     lines.append(f"step time  A/B {fmt(r['step_time_ratio_same_images'])}  A/C {fmt(r['step_time_ratio_same_labeled'])}"
                  f" | peak mem  A/B {fmt(r['peak_mem_ratio_same_images'])}  "
                  f"A/C {fmt(r['peak_mem_ratio_same_labeled'])}   ({r['peak_mem_method']})")
+    if r.get("data_time_per_step_s") is not None:
+        lines.append(f"data: {r['data_time_per_step_s'] * 1e3:.1f} ms to map one step's L+U images in one process, "
+                     f"{r['data_time_share_serial'] * 100:.1f} % of a step if not overlapped (DATALOADER.NUM_WORKERS "
+                     f"0); >= {r['loader_workers_to_hide_data_time']} loader worker(s) hide it")
     lines.append("MMT-PSM: " + ", ".join(f"{k.split('/')[1]} {v:.1f}" for k, v in r["mmt_psm_stats"].items()))
     if r.get("mmt_psm_stats_trained"):
         lines.append("MMT-PSM, trained weights: " + ", ".join(

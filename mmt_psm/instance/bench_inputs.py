@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict
+import time
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from detectron2.structures import BitMasks, Instances
 from mmt_psm.instance.view_mapper import MMTPSMViewMapper
 from mmt_psm.instance.views import make_unlabeled_views
 
-__all__ = ["labeled_dict", "unlabeled_dict", "dataset_dicts", "load_weights"]
+__all__ = ["labeled_dict", "unlabeled_dict", "dataset_dicts", "data_loading_times", "load_weights"]
 
 
 def _image_and_masks(rng: np.random.Generator, size: int, n: int) -> tuple:
@@ -67,6 +68,28 @@ def dataset_dicts(cfg: CfgNode, args: argparse.Namespace) -> tuple:
         d = {k: v for k, v in dicts[(args.labeled + i) % len(dicts)].items() if k != "annotations"}
         unl.append({**views(d), "labeled": False})
     return lab, unl
+
+
+def data_loading_times(cfg: CfgNode, args: argparse.Namespace, steps: int) -> List[float]:
+    """Seconds, per step, to read and map one MMT-PSM step's images from ``--dataset`` in this process: ``--labeled``
+    through ``CellDatasetMapper`` and ``--unlabeled`` through ``MMTPSMViewMapper`` (what the training loader's
+    workers do per step; numpy seeded by ``--seed``; images taken cyclically)."""
+    from detectron2.data import DatasetCatalog
+
+    from mmt_psm.instance.mapper import CellDatasetMapper
+
+    dicts = DatasetCatalog.get(args.dataset)
+    np.random.seed(args.seed)
+    mapper, views = CellDatasetMapper(cfg, True), MMTPSMViewMapper(cfg)
+    n, times = args.labeled + args.unlabeled, []
+    for s in range(steps):
+        start = time.perf_counter()
+        for i in range(args.labeled):
+            mapper(dicts[(s * n + i) % len(dicts)])
+        for i in range(args.labeled, n):
+            views({k: v for k, v in dicts[(s * n + i) % len(dicts)].items() if k != "annotations"})
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

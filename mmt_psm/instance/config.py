@@ -30,6 +30,10 @@ def add_instance_config(cfg: CN) -> None:
     # Views of an unlabeled image: K colour copies for the teacher, each also h-flipped when TEACHER_FLIP.
     _C.MODEL.MMT_PSM.NUM_TEACHER_COPIES = 2
     _C.MODEL.MMT_PSM.TEACHER_FLIP = True
+    # Teacher views per backbone / box-head / mask-head pass: 0 = all 2K views of a batch in one pass (fewer
+    # kernel launches and syncs on a GPU); 1 = one view at a time (no gain on a CPU, and a lower peak: with
+    # FUSE_ALL_VIEWS the detection pass holds every view's RoI features at once). Same losses either way.
+    _C.MODEL.MMT_PSM.TEACHER_VIEWS_PER_PASS = 0
     _C.MODEL.MMT_PSM.BRIGHTNESS = 0.15
     _C.MODEL.MMT_PSM.CONTRAST = 0.15
     _C.MODEL.MMT_PSM.HUE = 0.05

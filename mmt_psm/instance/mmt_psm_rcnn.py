@@ -7,11 +7,23 @@ After burn-in, unlabeled images add ``w(t) * (PSM_WEIGHT * loss_psm + MGD_WEIGHT
 runs the teacher (or the student: ``evaluate_with``). Switches give the baselines from the same code:
 supervised only (no unlabeled batch), plain Mean Teacher (MINING off, MGD_USE_MASK off, NUM_TEACHER_COPIES 1,
 TEACHER_FLIP off), each component alone (PSM_LOSS / MGD_LOSS).
+
+The teacher is in eval mode, so its passes are batched over its views: the 2K views of a batch of B images go
+through its backbone as one batch of 2K*B images (view-major: sample ``v * B + i`` is view v of image i; the views
+of one image have one size, so each is padded exactly as in a batch of that view alone), its box branch and mask
+head run once on the boxes of all views that need them, and the flipped views' features are flipped back in one
+gather. ``part_timer`` (None, or a callable ``name -> context manager``) is entered around the parts of a step
+(``sup_forward``, ``teacher_other`` and inside it ``teacher_backbones``, ``teacher_rpn``, ``teacher_detect``,
+``teacher_mask_head``, ``teacher_fg_map``, ``teacher_box_heads``, ``teacher_distill_masks``; then
+``student_unsup``), the hook ``tools/benchmark.py --profile`` times them with. ``TEACHER_VIEWS_PER_PASS`` 1 runs
+the teacher one view at a time instead (the same losses; on a CPU no slower and a lower peak).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Dict, List, Optional, Tuple
+import itertools
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -81,6 +93,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         mask_distill_weight: float = 1.0,
         mask_distill_max_positives: int = 0,
         eval_with: str = "teacher",
+        views_per_pass: int = 0,
     ):
         super().__init__()
         self.student = student
@@ -119,6 +132,13 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         # set by PseudoLabelVisHook for the steps it draws: keep (unlabeled dicts, detections) in _last_pseudo
         self.record_pseudo_labels = False
         self._last_pseudo = None
+        # the public profiling hook (module docstring): None, or name -> context manager entered around each part
+        self.part_timer: Optional[Callable[[str], ContextManager]] = None
+        # teacher views per backbone / box-head / mask-head pass (TEACHER_VIEWS_PER_PASS): 0 = all views in one
+        # pass; 1 = one pass per view (the per-view loop, also the reference of tests/instance/test_batched_teacher.py)
+        if views_per_pass < 0:
+            raise ValueError(f"TEACHER_VIEWS_PER_PASS must be >= 0 (0 = all views), got {views_per_pass}")
+        self.views_per_pass = views_per_pass
         self.adaptors_teacher.eval()
         # the shared core: frozen eval-mode teacher, evaluate_with, loss_weight, plain-detector loading
         self._init_teacher_student(eval_with)
@@ -163,6 +183,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             "mask_distill": m.MASK_DISTILL,
             "mask_distill_weight": m.MASK_DISTILL_WEIGHT,
             "mask_distill_max_positives": m.MASK_DISTILL_MAX_POSITIVES,
+            "views_per_pass": m.TEACHER_VIEWS_PER_PASS,
         }
 
     # ------------------------------------------------------------------ teacher-student interface
@@ -185,7 +206,8 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             return self.inference_model()(batched_inputs)
         labeled = [d for d in batched_inputs if d.get("labeled", True)]
         unlabeled = [d for d in batched_inputs if not d.get("labeled", True)]
-        losses = self.student(labeled) if labeled else {}
+        with self._part("sup_forward"):
+            losses = self.student(labeled) if labeled else {}
         storage = get_event_storage()
         weight = self.loss_weight(storage.iter)
         storage.put_scalar("mmt_psm/unsup_weight", weight, smoothing_hint=False)
@@ -202,6 +224,10 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             losses["loss_mask_distill"] = unsup["loss_mask_distill"] * (weight * self.mask_distill_weight)
         return losses
 
+    def _part(self, name: str) -> ContextManager:
+        """``part_timer(name)`` when a profiler set one, else a no-op."""
+        return self.part_timer(name) if self.part_timer is not None else contextlib.nullcontext()
+
     def _images(self, tensors: List[torch.Tensor]) -> ImageList:
         """Normalise and pad like GeneralizedRCNN.preprocess_image (uint8 CHW tensors)."""
         s = self.student
@@ -209,15 +235,34 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             [(t.to(self.device) - s.pixel_mean) / s.pixel_std for t in tensors], s.backbone.size_divisibility
         )
 
+    def _teacher_images(self, unlabeled: List[Dict], n_views: int) -> ImageList:
+        """Every teacher view of the batch in one ImageList, view-major (sample ``v * B + i`` = view v of image i).
+        One host-to-device copy and one normalisation per image (its views stacked). All views of an image have
+        its size, so the batch pads each view exactly as a batch of that view alone would."""
+        s, per_image = self.student, []
+        for d in unlabeled:
+            views = d["teacher_views"]
+            if len({tuple(t.shape) for t in views}) != 1:
+                raise ValueError(f"the teacher views of one image must have one size, got "
+                                 f"{sorted({tuple(t.shape) for t in views})}")
+            per_image.append((torch.stack(views).to(self.device) - s.pixel_mean) / s.pixel_std)
+        return ImageList.from_tensors([x[v] for v in range(n_views) for x in per_image], s.backbone.size_divisibility)
+
+    def _view_passes(self, start: int, stop: int) -> List[Tuple[int, int]]:
+        """Views ``[start, stop)`` as ``[a, z)`` ranges of one teacher pass each (all at once by default)."""
+        step = max(self.views_per_pass or (stop - start), 1)
+        return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+    def _teacher_features(self, images: ImageList, n_views: int) -> Dict[str, torch.Tensor]:
+        """The teacher backbone on every view (view-major batch), one pass per ``_view_passes`` range."""
+        b = len(images) // n_views
+        passes = [self.teacher.backbone(images.tensor[a * b:z * b]) for a, z in self._view_passes(0, n_views)]
+        return passes[0] if len(passes) == 1 else {k: torch.cat([p[k] for p in passes]) for k in passes[0]}
+
     def _box_logits(self, model: nn.Module, features: Dict[str, torch.Tensor], boxes) -> torch.Tensor:
         heads = model.roi_heads
         x = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
         return heads.box_predictor(heads.box_head(x))[0]
-
-    def _flip_back(self, feats: Dict[str, torch.Tensor], widths: List[int]) -> Dict[str, torch.Tensor]:
-        return {
-            k: flip_feature_map(v, [level_width(w, self.strides[k]) for w in widths]) for k, v in feats.items()
-        }
 
     def _teacher_roi(self, images: ImageList, feats: Dict, proposals,
                      with_masks: bool) -> Tuple[List[Instances], Optional[torch.Tensor]]:
@@ -226,7 +271,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         second box-branch pass. The box branch is the StandardROIHeads' eval ``_forward_box``; without
         ``with_masks`` the mask head is skipped (the same boxes, scores and classes, no mask head on up to
         TEST.DETECTIONS_PER_IMAGE boxes per view). Detectron2's ``_forward_box`` does not return the logits,
-        hence its four eval-mode lines here."""
+        hence its four eval-mode lines here. Images may be several views' (one entry of ``proposals`` each)."""
         heads = self.teacher.roi_heads
         if not isinstance(heads, StandardROIHeads):
             return heads(images, feats, proposals)[0], None
@@ -234,33 +279,35 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
         predictions = heads.box_predictor(heads.box_head(x))
         detections, _ = heads.box_predictor.inference(predictions, proposals)
         if with_masks:
-            detections = heads.forward_with_given_boxes(feats, detections)
+            with self._part("teacher_mask_head"):
+                detections = heads.forward_with_given_boxes(feats, detections)
         return detections, predictions[0]
 
-    def _teacher_detections(self, t_images: List[ImageList], t_feats: List[Dict], proposals, flipped: List[bool],
+    def _teacher_detections(self, t_images: ImageList, t_feats: Dict, proposals, flipped: List[bool],
                             with_masks: bool = True) -> Tuple[List[Instances], List[Optional[torch.Tensor]]]:
         """Pseudo-labels: the teacher's post-processed detections on view 0, or fused over every view
-        (FUSE_ALL_VIEWS; each view scores view 0's proposals mapped into it), then the score thresholds.
-        ``with_masks`` False: boxes only (no ``pred_masks``). Also, per view, the class logits of all proposals
-        where the box branch ran on them (else None)."""
-        if not self.fuse_all_views:
-            detections, logits = self._teacher_roi(t_images[0], t_feats[0], proposals, with_masks)
-            all_logits = [logits] + [None] * (len(t_images) - 1)
-        else:
-            per_view, all_logits = [], []
-            for v, (images, feats) in enumerate(zip(t_images, t_feats)):
-                props = proposals
-                if flipped[v]:
-                    props = [_flip_proposals(p, w) for p, (_, w) in zip(proposals, images.image_sizes)]
-                dets, logits = self._teacher_roi(images, feats, props, with_masks)
-                per_view.append(dets)
-                all_logits.append(logits)
+        (FUSE_ALL_VIEWS; each view scores view 0's proposals mapped into it, all views in one box-branch pass),
+        then the score thresholds. ``t_images``/``t_feats``: every view, view-major. ``with_masks`` False: boxes
+        only (no ``pred_masks``). Also, per view, the ``[sum R_i, C + 1]`` class logits of all proposals where the
+        box branch ran on them (else None)."""
+        b, n_views = len(proposals), len(flipped)
+        n_detect = n_views if self.fuse_all_views else 1
+        mirrored = [_flip_proposals(p, w) for p, (_, w) in zip(proposals, t_images.image_sizes[:b])] if any(
+            flipped[:n_detect]) else None  # once per image, shared by every flipped view
+        detections, all_logits = [], []
+        with self._part("teacher_detect"):
+            for a, z in self._view_passes(0, n_detect):
+                props = [p for v in range(a, z) for p in (mirrored if flipped[v] else proposals)]
+                images = ImageList(t_images.tensor[a * b:z * b], t_images.image_sizes[a * b:z * b])
+                dets, logits = self._teacher_roi(images, _views(t_feats, a, z, b), props, with_masks)
+                detections += dets
+                all_logits += [None] * (z - a) if logits is None else _split(logits, z - a)
+        if self.fuse_all_views:
             max_dets = self.teacher.roi_heads.box_predictor.test_topk_per_image
             detections = [
-                fuse_view_detections([dets[i] for dets in per_view], flipped, self.fuse_iou, max_dets)
-                for i in range(len(proposals))
+                fuse_view_detections(detections[i::b], flipped, self.fuse_iou, max_dets) for i in range(b)
             ]
-        return filter_by_score(detections, self.pseudo_score_thresh), all_logits
+        return filter_by_score(detections, self.pseudo_score_thresh), all_logits + [None] * (n_views - n_detect)
 
     def _mask_logits(self, model: nn.Module, features: Dict[str, torch.Tensor], boxes) -> torch.Tensor:
         heads = model.roi_heads
@@ -269,7 +316,7 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
     def unsupervised_losses(self, unlabeled: List[Dict]) -> Dict[str, torch.Tensor]:
         """loss_psm, loss_mgd (and loss_mask_distill when switched on), unweighted, on unlabeled view dicts."""
         storage = get_event_storage()
-        n_views = len(unlabeled[0]["teacher_views"])
+        n_views, n_img = len(unlabeled[0]["teacher_views"]), len(unlabeled)
         if self.mining and n_views < 2:
             raise ValueError(
                 f"MINING needs >= 2 teacher views to measure perturbation sensitivity, the batch has {n_views}"
@@ -285,50 +332,68 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
             if len(f) != 1:
                 raise ValueError("teacher view v must be flipped in all images of a batch or in none")
             flipped.append(f.pop())
-        with torch.no_grad():
-            # (2) pseudo-labels and foreground map; (3) training-mode proposals from teacher view 0
-            t_images = [self._images([d["teacher_views"][v] for d in unlabeled]) for v in range(n_views)]
-            t_feats = [self.teacher.backbone(im.tensor) for im in t_images]
-            with training_topk(self.teacher.proposal_generator):
-                proposals, _ = self.teacher.proposal_generator(t_images[0], t_feats[0])
+        with torch.no_grad(), self._part("teacher_other"):
+            # (2) pseudo-labels and foreground map; (3) training-mode proposals from teacher view 0. Every view in
+            # one batch (view-major), one backbone pass
+            t_images = self._teacher_images(unlabeled, n_views)
+            with self._part("teacher_backbones"):
+                t_feats = self._teacher_features(t_images, n_views)
+            images0 = ImageList(t_images.tensor[:n_img], t_images.image_sizes[:n_img])
+            with self._part("teacher_rpn"), training_topk(self.teacher.proposal_generator):
+                proposals, _ = self.teacher.proposal_generator(images0, _views(t_feats, 0, 1, n_img))
             # the pseudo-labels' masks feed only the foreground map of loss_mgd and the recorded pseudo-labels
             # (monitor, visualisation): without either the teacher's mask head is skipped, losses unchanged
             with_masks = self.mgd_loss or self.record_pseudo_labels
             detections, all_logits = self._teacher_detections(t_images, t_feats, proposals, flipped, with_masks)
-            fg = foreground_map(detections, t_images[0], self.mask_threshold, self.fg_map_mode) if with_masks else None
-            boxes, labels, kept = label_and_sample(
+            fg = None
+            if with_masks:
+                with self._part("teacher_fg_map"):
+                    fg = foreground_map(detections, images0, self.mask_threshold, self.fg_map_mode)
+            boxes, labels, kept, num_pos = label_and_sample(
                 proposals, pseudo_targets(detections), self.num_classes, self.proposal_iou,
                 self.proposal_batch_size, self.proposal_positive_fraction, return_indices=True,
+                return_num_positives=True,
             )
-            # the sampled proposals' rows in the proposals' concatenation (where a view's logits are reused)
-            offsets = torch.tensor([0] + [len(p) for p in proposals[:-1]], device=self.device).cumsum(0)
+            # the sampled proposals' rows in the proposals' concatenation (where a view's logits are reused);
+            # offsets from the host-side proposal counts
+            offsets = itertools.accumulate([0] + [len(p) for p in proposals[:-1]])
             sampled_rows = torch.cat([k + o for k, o in zip(kept, offsets)])
-            widths = [w for _, w in t_images[0].image_sizes]
-            pos_boxes = [b[lab != self.num_classes] for b, lab in zip(boxes, labels)]
-            pos_labels = [lab[lab != self.num_classes] for lab in labels]
-            if self.mask_distill and self.mask_distill_max_positives > 0:  # fewer teacher mask-head inputs
-                pos_boxes, pos_labels = subsample_positives(pos_boxes, pos_labels, self.mask_distill_max_positives)
-            pos_labels = torch.cat(pos_labels)
+            widths = [w for _, w in images0.image_sizes]
+            in_view = _ViewBoxes(unlabeled, flipped)
 
-            def in_view(per_image: List, v: int) -> List:
-                """View 0's boxes in view ``v`` (mapped only where that view is flipped)."""
-                if not flipped[v]:
-                    return per_image
-                return [d["teacher_transforms"][v].apply_boxes(b) for d, b in zip(unlabeled, per_image)]
-
-            view_logits, t_adapted, t_masks = [], [], []
-            for v in range(n_views):
-                if all_logits[v] is not None:
-                    view_logits.append(all_logits[v][sampled_rows])
-                else:
-                    view_logits.append(self._box_logits(self.teacher, t_feats[v], in_view(boxes, v)))
-                if self.mask_distill:
-                    t_masks.append(self._mask_logits(self.teacher, t_feats[v], in_view(pos_boxes, v)))
-                if self.mgd_loss:
-                    adapted = self.adaptors_teacher({f: t_feats[v][f] for f in self.mgd_features})
-                    t_adapted.append(self._flip_back(adapted, widths) if flipped[v] else adapted)
+            # (4) the sampled proposals' class logits on every view: reused rows of a detection pass, the other
+            # views' in one box-branch pass
+            view_logits: List[Optional[torch.Tensor]] = [
+                None if lg is None else lg[sampled_rows] for lg in all_logits]
+            need = [v for v, lg in enumerate(view_logits) if lg is None]
+            with self._part("teacher_box_heads"):
+                for a, z in (r for run in _runs(need) for r in self._view_passes(*run)):
+                    logits = self._box_logits(self.teacher, _views(t_feats, a, z, n_img), in_view(boxes, a, z))
+                    view_logits[a:z] = _split(logits, z - a)
             mean_logits, sensitivity = proposal_sensitivity(torch.stack(view_logits))
-            mask_targets = teacher_view_masks(t_masks, pos_labels, flipped) if self.mask_distill else None
+            mask_targets = pos_boxes = pos_labels = None
+            if self.mask_distill:
+                # each image's sample lists its positives first: slice them by the host-side counts
+                pos_boxes = [bx[:n] for bx, n in zip(boxes, num_pos)]
+                pos_labels = [lab[:n] for lab, n in zip(labels, num_pos)]
+                if self.mask_distill_max_positives > 0:  # fewer teacher mask-head inputs
+                    pos_boxes, pos_labels = subsample_positives(pos_boxes, pos_labels,
+                                                                self.mask_distill_max_positives)
+                pos_labels = torch.cat(pos_labels)
+                t_masks = []
+                with self._part("teacher_distill_masks"):
+                    for a, z in self._view_passes(0, n_views):
+                        masks = self._mask_logits(self.teacher, _views(t_feats, a, z, n_img), in_view(pos_boxes, a, z))
+                        t_masks += _split(masks, z - a)
+                mask_targets = teacher_view_masks(t_masks, pos_labels, flipped)
+            t_adapted = []
+            if self.mgd_loss:  # the adaptors on every view at once; flipped views flipped back in one gather
+                adapted = self.adaptors_teacher({f: t_feats[f] for f in self.mgd_features})
+                if any(flipped):
+                    adapted = {k: flip_feature_map(x, [level_width(w, self.strides[k]) if flipped[v] else 0
+                                                       for v in range(n_views) for w in widths])
+                               for k, x in adapted.items()}
+                t_adapted = [_views(adapted, v, v + 1, n_img) for v in range(n_views)]
             labels = torch.cat(labels)
             is_pos = labels != self.num_classes
             if self.mining:
@@ -337,38 +402,83 @@ class MMTPSMRCNN(TeacherStudentMixin, nn.Module):
                 weights = torch.ones_like(sensitivity)
                 keep = weights > 0
 
-        s_images = self._images([d["student_view"] for d in unlabeled])
-        s_feats = self.student.backbone(s_images.tensor)
-        # a zero that touches the adaptors keeps DDP's set of used parameters the same whatever is switched off
-        zero = sum(p.sum() for p in self.adaptors_student.parameters()) * 0.0
-        out = {"loss_psm": zero, "loss_mgd": zero}
-        if self.psm_loss:
-            s_logits = self._box_logits(self.student, s_feats, boxes)
-            out["loss_psm"] = mined_semantic_distillation_loss(s_logits, mean_logits, weights, self.sharpen_t) + zero
-        if self.mgd_loss:
-            s_adapted = self.adaptors_student({f: s_feats[f] for f in self.mgd_features})
-            out["loss_mgd"] = torch.stack(
-                [mask_guided_feature_loss(s_adapted, t, fg, use_mask=self.mgd_use_mask) for t in t_adapted]
-            ).mean()
-        if self.mask_distill:
-            s_masks = self._mask_logits(self.student, s_feats, pos_boxes)
-            out["loss_mask_distill"] = mask_distillation_loss(s_masks, pos_labels, mask_targets)
-        n_img = len(unlabeled)
-        # unweighted losses (beside the weighted ones Detectron2 logs) and pseudo-label counts, in one
-        # device->host copy; fg_fraction only when the foreground map was built
-        logged = {"loss_psm_raw": out["loss_psm"], "loss_mgd_raw": out["loss_mgd"],
-                  "positives_per_image": is_pos.sum() / n_img,
-                  "mined_negatives_per_image": (keep & ~is_pos).sum() / n_img}
-        if fg is not None:
-            logged["fg_fraction"] = fg.clamp(max=1).mean()
-        if self.mask_distill:
-            logged["loss_mask_distill_raw"] = out["loss_mask_distill"]
-        values = torch.stack([v.detach().float() for v in logged.values()]).tolist()
-        for name, value in zip(logged, values):
-            storage.put_scalar(f"mmt_psm/{name}", value)
-        storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
+        with self._part("student_unsup"):
+            s_images = self._images([d["student_view"] for d in unlabeled])
+            s_feats = self.student.backbone(s_images.tensor)
+            # a zero that touches the adaptors keeps DDP's set of used parameters the same whatever is switched off
+            zero = sum(p.sum() for p in self.adaptors_student.parameters()) * 0.0
+            out = {"loss_psm": zero, "loss_mgd": zero}
+            if self.psm_loss:
+                s_logits = self._box_logits(self.student, s_feats, boxes)
+                out["loss_psm"] = mined_semantic_distillation_loss(s_logits, mean_logits, weights,
+                                                                   self.sharpen_t) + zero
+            if self.mgd_loss:
+                s_adapted = self.adaptors_student({f: s_feats[f] for f in self.mgd_features})
+                out["loss_mgd"] = torch.stack(
+                    [mask_guided_feature_loss(s_adapted, t, fg, use_mask=self.mgd_use_mask) for t in t_adapted]
+                ).mean()
+            if self.mask_distill:
+                s_masks = self._mask_logits(self.student, s_feats, pos_boxes)
+                out["loss_mask_distill"] = mask_distillation_loss(s_masks, pos_labels, mask_targets)
+            # unweighted losses (beside the weighted ones Detectron2 logs) and pseudo-label counts, in one
+            # device->host copy; fg_fraction only when the foreground map was built
+            logged = {"loss_psm_raw": out["loss_psm"], "loss_mgd_raw": out["loss_mgd"],
+                      "positives_per_image": is_pos.sum() / n_img,
+                      "mined_negatives_per_image": (keep & ~is_pos).sum() / n_img}
+            if fg is not None:
+                logged["fg_fraction"] = fg.clamp(max=1).mean()
+            if self.mask_distill:
+                logged["loss_mask_distill_raw"] = out["loss_mask_distill"]
+            values = torch.stack([v.detach().float() for v in logged.values()]).tolist()
+            for name, value in zip(logged, values):
+                storage.put_scalar(f"mmt_psm/{name}", value)
+            storage.put_scalar("mmt_psm/pseudo_labels_per_image", sum(len(d) for d in detections) / n_img)
         if self.record_pseudo_labels:
             self._last_pseudo = (unlabeled, detections)
+        return out
+
+
+def _views(feats: Dict[str, torch.Tensor], a: int, z: int, b: int) -> Dict[str, torch.Tensor]:
+    """Views ``[a, z)`` of a view-major batch of ``b`` images per view (slices, no copy)."""
+    return {k: f[a * b:z * b] for k, f in feats.items()}
+
+
+def _split(x: torch.Tensor, n: int) -> List[torch.Tensor]:
+    """The rows of a view-major pass over ``n`` views, per view (views of ``x``; ``n`` equal parts, also of 0 rows)."""
+    return list(x.reshape(n, x.shape[0] // n, *x.shape[1:]).unbind(0))
+
+
+def _runs(views: Sequence[int]) -> List[Tuple[int, int]]:
+    """Sorted view indices as ``[a, z)`` runs of consecutive ones."""
+    runs: List[Tuple[int, int]] = []
+    for v in views:
+        if runs and runs[-1][1] == v:
+            runs[-1] = (runs[-1][0], v + 1)
+        else:
+            runs.append((v, v + 1))
+    return runs
+
+
+class _ViewBoxes:
+    """View 0's per-image boxes in views ``[a, z)``, view-major (mapped by the view's transform only where the
+    view is flipped); each distinct transform of an image is applied once and shared between views."""
+
+    def __init__(self, unlabeled: List[Dict], flipped: Sequence[bool]):
+        self.unlabeled, self.flipped = unlabeled, flipped
+
+    def __call__(self, per_image: List[Boxes], a: int, z: int) -> List[Boxes]:
+        cache: Dict[tuple, Boxes] = {}
+        out = []
+        for v in range(a, z):
+            if not self.flipped[v]:
+                out += per_image
+                continue
+            for i, (d, bx) in enumerate(zip(self.unlabeled, per_image)):
+                t = d["teacher_transforms"][v]
+                key = (i, tuple(t.source), tuple(t.resized), bool(t.hflip))
+                if key not in cache:
+                    cache[key] = t.apply_boxes(bx)
+                out.append(cache[key])
         return out
 
 

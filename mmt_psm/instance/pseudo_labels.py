@@ -26,12 +26,12 @@ def training_topk(rpn: RPN) -> Iterator[None]:
 
 def filter_by_score(detections: List[Instances], thresholds: Sequence[float]) -> List[Instances]:
     """Keep detections scoring >= their class's threshold (one value = every class)."""
-    out = []
+    if len(thresholds) == 1:
+        return [det[det.scores >= float(thresholds[0])] for det in detections]
+    out, thr = [], None
     for det in detections:
-        if len(thresholds) == 1:
-            out.append(det[det.scores >= float(thresholds[0])])
-            continue
-        thr = det.scores.new_tensor([float(t) for t in thresholds])
+        if thr is None or thr.device != det.scores.device:  # one host-to-device copy per call, not per image
+            thr = det.scores.new_tensor([float(t) for t in thresholds])
         out.append(det[det.scores >= thr[det.pred_classes]])
     return out
 
@@ -75,15 +75,18 @@ def label_and_sample(
     batch_size_per_image: int = 512,
     positive_fraction: float = 0.25,
     return_indices: bool = False,
+    return_num_positives: bool = False,
 ) -> Tuple[List, ...]:
     """Label proposals by IoU with the pseudo boxes (fg = the box's class, else background = ``num_classes``)
     and sample ``batch_size_per_image`` per image with at most ``positive_fraction`` positives.
 
     Returns per image the sampled proposal boxes and their labels (and, with ``return_indices``, their indices
-    in the image's proposals: no box is added, so every sampled box is a proposal).
+    in the image's proposals: no box is added, so every sampled box is a proposal; then, with
+    ``return_num_positives``, the number of positives as host ints). Each image's sample lists its positives
+    first, so ``boxes[:n]`` are its ``n`` positives without a boolean index (a device sync).
     """
     matcher = Matcher([iou_threshold], [0, 1], allow_low_quality_matches=False)
-    boxes_out, labels_out, kept = [], [], []
+    boxes_out, labels_out, kept, num_pos = [], [], [], []
     for props, tgt in zip(proposals, targets):
         boxes = props.proposal_boxes
         if len(tgt) > 0:
@@ -97,4 +100,6 @@ def label_and_sample(
         boxes_out.append(boxes[keep])
         labels_out.append(labels[keep])
         kept.append(keep)
-    return (boxes_out, labels_out, kept) if return_indices else (boxes_out, labels_out)
+        num_pos.append(len(pos))
+    out = (boxes_out, labels_out, kept) if return_indices else (boxes_out, labels_out)
+    return out + (num_pos,) if return_num_positives else out

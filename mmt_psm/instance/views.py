@@ -45,7 +45,8 @@ def flip_feature_map(
 ) -> torch.Tensor:
     """Reverse the first ``valid_width`` columns of ``feat [B, C, H, W]``; the rest (padding) stays in place.
 
-    ``valid_width`` is one int for the batch or one per image (``[B]``, then a single vectorised gather).
+    ``valid_width`` is one int for the batch or one per image (``[B]``, then a single vectorised gather; 0 leaves
+    an image as it is). Host ints are checked on the host (no device sync), a tensor on its device.
     Applying it twice gives back the input; autograd flows through it.
     """
     width = feat.shape[-1]
@@ -56,10 +57,16 @@ def flip_feature_map(
         if vw == width:
             return feat.flip(-1)
         return torch.cat([feat[..., :vw].flip(-1), feat[..., vw:]], dim=-1)
-    vw_t = torch.as_tensor(valid_width, device=feat.device, dtype=torch.long).reshape(-1)
+    if isinstance(valid_width, torch.Tensor):  # checked on the device (a sync)
+        vw_t = valid_width.to(device=feat.device, dtype=torch.long).reshape(-1)
+        bad = vw_t.numel() == feat.shape[0] and bool(((vw_t < 0) | (vw_t > width)).any())
+    else:  # host ints: checked on the host, then one host-to-device copy
+        widths = [int(w) for w in valid_width]
+        bad = any(not 0 <= w <= width for w in widths)
+        vw_t = torch.as_tensor(widths, dtype=torch.long, device=feat.device)
     if vw_t.numel() != feat.shape[0]:
         raise ValueError(f"{vw_t.numel()} valid widths for a batch of {feat.shape[0]}")
-    if bool(((vw_t < 0) | (vw_t > width)).any()):
+    if bad:
         raise ValueError(f"valid widths {vw_t.tolist()} outside [0, {width}]")
     col = torch.arange(width, device=feat.device)
     index = torch.where(col < vw_t[:, None], vw_t[:, None] - 1 - col, col)  # [B, W]

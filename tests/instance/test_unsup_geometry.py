@@ -70,6 +70,20 @@ def test_label_and_sample_labels_by_iou_at_the_threshold():
     assert sorted(labels.tolist()) == [2] * 5  # no pseudo-label: every proposal is background
 
 
+def test_label_and_sample_lists_positives_first_and_counts_them_on_the_host():
+    # the model slices each image's positives as boxes[:n] (no boolean index, no device sync)
+    pos = [[0, 0, 10, 10 + i * 0.25] for i in range(6)]
+    neg = [[60 + i, 60, 70 + i, 70] for i in range(9)]
+    torch.manual_seed(0)
+    targets = [_targets([[0, 0, 10, 10]], [1]), _targets([], [])]
+    boxes, labels, kept, num_pos = label_and_sample([_props(neg + pos), _props(pos + neg)], targets, 2, 0.5, 8, 0.5,
+                                                    return_indices=True, return_num_positives=True)
+    assert num_pos == [4, 0] and all(isinstance(n, int) for n in num_pos)
+    for b, lab, n in zip(boxes, labels, num_pos):
+        assert bool((lab[:n] != 2).all()) and bool((lab[n:] == 2).all()) and len(lab) == len(b) == 8
+    assert len(label_and_sample([_props(pos)], targets[:1], 2, 0.5, 8, 0.5)) == 2  # default: boxes, labels
+
+
 @pytest.mark.parametrize("n_neg,kept_pos,kept_neg", [(20, 2, 6), (3, 2, 3)])
 def test_label_and_sample_caps_the_positive_fraction(n_neg, kept_pos, kept_neg):
     pos = [[0, 0, 10, 10 + i * 0.25] for i in range(20)]  # 20 proposals with IoU >= 0.5 to the gt box
@@ -131,12 +145,19 @@ def flipped_batch_model(tmp_path):
 def test_flipped_teacher_views_of_a_padded_batch_map_back_exactly(flipped_batch_model, monkeypatch):
     model, batch = flipped_batch_model
     widths = [d["width"] for d in batch]
-    pooled = []  # per call of _box_logits: (boxes per image, pooled RoI features)
+    pooled = []  # per view through _box_logits: (boxes per image, pooled RoI features)
+    views_per_call = []  # the teacher's views go through the box branch in one batched call
 
     def record_box_logits(m, features, boxes):
         heads = m.roi_heads
-        pooled.append(([b.tensor.clone() for b in boxes],
-                       heads.box_pooler([features[f] for f in heads.box_in_features], boxes)))
+        x = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+        n_img, start = len(batch), 0
+        views_per_call.append(len(boxes) // n_img)
+        for v in range(len(boxes) // n_img):  # the call's boxes and pooled rows are view-major
+            view_boxes = boxes[v * n_img:(v + 1) * n_img]
+            n = sum(len(b) for b in view_boxes)
+            pooled.append(([b.tensor.clone() for b in view_boxes], x[start:start + n]))
+            start += n
         return orig(m, features, boxes)
 
     orig = model._box_logits
@@ -154,6 +175,7 @@ def test_flipped_teacher_views_of_a_padded_batch_map_back_exactly(flipped_batch_
         out = model.unsupervised_losses(batch)
     assert torch.isfinite(out["loss_psm"]) and torch.isfinite(out["loss_mgd"])
     assert len(pooled) == 5 and len(mgd) == 4  # 4 teacher views + the student; mgd per teacher view
+    assert views_per_call == [4, 1]  # one box-branch pass for all teacher views, one for the student
 
     for v in (1, 3):  # flipped views: per image, x -> W_i - x (the image's own width, not the padded one)
         for i, w in enumerate(widths):

@@ -72,7 +72,7 @@ def test_mining_off_keeps_every_sampled_proposal_at_weight_one(data, tmp_path, m
     sampled, psm = _record(monkeypatch, "label_and_sample"), _record(monkeypatch, "mined_semantic_distillation_loss")
     with EventStorage(start_iter=10):
         out = model.unsupervised_losses(unlabeled_view_batch(cfg, f"{data}_unlabeled", 2))
-    boxes, labels, _ = sampled[0][2]
+    boxes, labels = sampled[0][2][:2]
     n_sampled = sum(len(b) for b in boxes)
     assert sum(int((lab != 2).sum()) for lab in labels) > 0  # positives and negatives both present
     weights = psm[0][0][2]

@@ -95,6 +95,20 @@ def test_flip_feature_map_involution_and_grad():
         ViewTransform((4, 4), (8, 8), True).apply_feature_map(x, 4)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_flip_feature_map_width_zero_keeps_an_image_and_bad_widths_raise(as_tensor):
+    # the batched teacher flips back only its flipped views: valid width 0 for the others (host ints: no sync)
+    x = torch.randn(2, 3, 4, 10)
+    widths = lambda w: torch.tensor(w) if as_tensor else w  # noqa: E731
+    y = flip_feature_map(x, widths([0, 7]))
+    assert torch.equal(y[0], x[0]) and torch.equal(y[1], flip_feature_map(x[1:], 7)[0])
+    for bad in ([11, 0], [-1, 3]):
+        with pytest.raises(ValueError, match="outside"):
+            flip_feature_map(x, widths(bad))
+    with pytest.raises(ValueError, match="3 valid widths for a batch of 2"):
+        flip_feature_map(x, widths([1, 2, 3]))
+
+
 # ---------------------------------------------------------------------- photometric
 def _image(seed=0, h=128, w=160, gray=False):
     rng = np.random.default_rng(seed)

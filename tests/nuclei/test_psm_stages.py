@@ -1,9 +1,12 @@
 """PSM stages 1-3, 5 and the instance step on hand-made inputs with known answers."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from common import REPO
 from psm_common import he_tile
 
 from mmt_psm.nuclei.instances import instances_from_probability

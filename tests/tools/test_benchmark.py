@@ -18,11 +18,11 @@ SMALL = [
 ]
 
 
-def _run_benchmark(*extra: str) -> dict:
+def _run_benchmark(*extra: str, env: dict = None) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--config-file",
            os.path.join(REPO, "configs", "quickstart", "mmt_psm.yaml"), "--device", "cpu", "--size", "128",
            "--iters", "1", "--warmup", "0", "--instances", "3", "--threads", "1", "--json", *extra, *SMALL]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout; the table goes to stderr
@@ -81,3 +81,19 @@ def test_benchmark_missing_weights_is_an_error():
            "--iters", "1", "--warmup", "0", "--weights", "/nonexistent/model.pth", *SMALL]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--weights /nonexistent/model.pth does not exist" in proc.stderr
+
+
+def test_benchmark_on_a_data_set_times_its_mappers(tmp_path):
+    """--dataset: the images come through the training mappers, and the time to map one step's L + U images is
+    reported (data time per step, its share of a step if loading is not overlapped, loader workers to hide it)."""
+    from mmt_psm.instance.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(str(tmp_path / "synthetic"), 2, 1, 2, size=128, seed=0)
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path)}  # the built-in synthetic_* names point there
+    r = _run_benchmark("--dataset", "synthetic_train", env=env)
+    assert r["dataset"] == "synthetic_train" and "mmt_psm/pseudo_labels_per_image" in r["mmt_psm_stats"]
+    data, share = r["data_time_per_step_s"], r["data_time_share_serial"]
+    assert _positive_finite(data) and 0 < share < 1
+    assert share == data / (data + r["variants"]["A"]["median_step_s"])
+    assert isinstance(r["loader_workers_to_hide_data_time"], int) and r["loader_workers_to_hide_data_time"] >= 1
+    assert _run_benchmark()["data_time_per_step_s"] is None  # noise images: no data side to time
