@@ -142,9 +142,7 @@ def test_refined_mask_bands_the_probability():
 
 
 def _stage1_cfg(iters: int = 2):
-    import os
 
-    from common import REPO
 
     from mmt_psm.config import load_config
 
