@@ -353,11 +353,16 @@ def _check_config(cfg_file: str, opts: List[str]) -> Optional[str]:
     if len(opts) % 2:
         return f"odd number of KEY VALUE overrides: {opts}"
     try:
-        from mmt_psm.config import load_config
+        from detectron2.config import get_cfg
+
+        from mmt_psm.config import add_mmt_psm_config
     except ImportError:
         return None
-    try:
-        load_config(cfg_file, opts)
+    try:  # a plain merge: keys and values only (load_config would also resolve MODEL.DEVICE on this machine)
+        cfg = get_cfg()
+        add_mmt_psm_config(cfg)
+        cfg.merge_from_file(cfg_file)
+        cfg.merge_from_list(list(opts))
     except Exception as e:  # noqa: BLE001 - any merge error is reported
         return f"{cfg_file} + {opts}: {type(e).__name__}: {e}"
     return None
