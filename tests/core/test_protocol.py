@@ -69,3 +69,57 @@ def test_summary_lists_a_model_only_when_every_seed_has_it_and_nan_for_a_missing
     assert table["a"]["y"][2] == 2 and math.isnan(table["a"]["y"][0])  # seed 2 lacks y
     md = protocol.markdown(table, ["x"], lambda m: 2, "footer")
     assert md == "| arm | n | x |\n|---|---|---|\n| a | 2 | 2.00 +- 1.00 |\n\nfooter\n"
+
+
+def _default_dist_url():
+    from detectron2.engine import default_argument_parser
+
+    return default_argument_parser().parse_args([]).dist_url
+
+
+def test_launch_flags_reach_the_training_command(tmp_path, monkeypatch):
+    """Detectron2's launch flags of the protocol tool go to train_net before the KEY VALUE overrides (only those
+    that differ from Detectron2's defaults); parallel multi-GPU runs get a free port each."""
+    calls = []
+    monkeypatch.setattr(protocol, "train", lambda root, config, opts, *a, **k: calls.append(list(opts)))
+    args = _args(num_gpus=2, num_machines=1, machine_rank=0, dist_url=_default_dist_url(), jobs=2)
+    with pytest.raises(RuntimeError, match="no final evaluation"):  # the stub trains nothing
+        protocol.run_arm("/repo", "arm", 1, str(tmp_path / "r"), "c.yaml", {}, args, _final, str)
+    assert calls[0][:5] == ["--num-gpus", "2", "--dist-url", "auto", "OUTPUT_DIR"]
+    assert calls[0][-2:] == ["SOLVER.MAX_ITER", "7"]
+
+
+def test_progress_counts_runs_and_estimates_the_time_left_from_trained_runs():
+    now = [0.0]
+    p = protocol.Progress(5, workers=2, clock=lambda: now[0])
+    assert p.line() == "[progress] 0/5 runs done, elapsed 0s, time left unknown until one trains"
+    now[0] = 5.0
+    assert p.finish(0.1, trained=False).endswith("1/5 runs done, elapsed 5s, time left unknown until one trains")
+    now[0] = 3600.0
+    # one trained run of 30 min; 3 left on 2 workers = 2 rounds -> about 1 h
+    assert p.finish(1800.0) == "[progress] 2/5 runs done, elapsed 1h00m, about 1h00m left (3 to go, mean 30m00s of 1)"
+    for _ in range(3):
+        line = p.finish(600.0)
+    assert line == "[progress] 5/5 runs done, elapsed 1h00m"
+
+
+def test_run_jobs_prints_each_runs_log_and_progress(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "ok_train_net.py").write_text("print('trained')\n")
+    monkeypatch.setattr(protocol, "TRAIN_COMMAND", [sys.executable, str(root / "ok_train_net.py")])
+    done = protocol_run_dir(tmp_path, [{"iteration": 9, "segm/AP": 30.0}], max_iter=10)
+
+    def run_one(arm, seed):
+        if arm == "finished":
+            return protocol.run_arm(str(root), arm, seed, done, "c.yaml", {}, _args(), _final, str)
+        run_dir = str(tmp_path / f"{arm}_seed{seed}")
+        protocol.train(str(root), "c.yaml", [], run_dir, 1, what=f"{arm} seed {seed}")
+        return {"segm/AP": 1.0}
+
+    results, failures = protocol.run_jobs([("finished", 1), ("new", 1)], run_one, workers=1)
+    out = capsys.readouterr().out
+    assert not failures and results["new"][1] == {"segm/AP": 1.0}
+    assert f"[start] new seed 1, log {tmp_path}/new_seed1/stdout.txt" in out
+    assert "[progress] 1/2 runs done" in out and "time left unknown until one trains" in out  # a skip is no run
+    assert "[progress] 2/2 runs done" in out
