@@ -82,9 +82,20 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    """Detectron2's ``default_argument_parser`` with a description saying what a run writes."""
+    parser = default_argument_parser()
+    parser.description = (
+        "Train or evaluate a cell/organ segmentation model with Detectron2's usual command line. Writes to the "
+        "config's OUTPUT_DIR (a trailing 'OUTPUT_DIR DIR' override sets it): checkpoints model_*.pth and "
+        "last_checkpoint, config.yaml, log.txt, metrics.json, TensorBoard events, evaluation results (with "
+        "--eval-only: eval_results.json).")
+    return parser
+
+
 def cli() -> None:
     """Parse Detectron2's command line and ``launch`` :func:`main` on every GPU / machine."""
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     launch(
         main,
         args.num_gpus,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the ACDC label-efficiency protocol (every arm x seed), resumably, and write a mean +- std table.
 
-    python tools/acdc_protocol.py --seeds 1 2 --jobs 2 --out output/acdc_protocol
+    python tools/acdc_protocol.py --seeds 1 2 --jobs 2 --output output/acdc_protocol
     python tools/acdc_protocol.py --arms supervised_p3 lcc --seeds 1 2 3 --report-only
 
 Arms (configs/acdc/*.yaml; seed S uses the patient split p3_seed<S>, SEED S and DATALOADER.STREAM_SEED S, so
@@ -12,13 +12,17 @@ lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a 
 (separation from iteration 600), mean_teacher_bn and lcc_plus_bn (BatchNorm running statistics from the labeled
 slices only, ``MODEL.LCC.BN_STATS labeled``) run when named in --arms. A finished run (its
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
-(``--resume``). Writes <out>/results.json and <out>/results.md (per structure Dice and HD95, mean +- std over
-seeds, of the reported model and, for teacher-student arms, of the other one). lcc_no_separation_bn and
+(``--resume``). Writes <output>/results.json and <output>/results.md (per structure Dice and HD95, mean +- std
+over seeds, of the reported model and, for teacher-student arms, of the other one). lcc_no_separation_bn and
 mean_teacher_bn_w1 (consistency weight 1) add the BatchNorm switch to lcc_no_separation and mean_teacher;
 lcc_plus_bn_all divides lcc_plus_bn's two terms by every pixel instead of the kept ones (``MODEL.LCC.LOSS_NORM``).
 
 ``--largest-component`` trains nothing: it re-scores finished runs' final models keeping only each structure's
-largest 3D connected component (``TEST.VOLUME_LARGEST_COMPONENT``) into <out>/largest_component/results.md.
+largest 3D connected component (``TEST.VOLUME_LARGEST_COMPONENT``) into <output>/largest_component/results.md.
+
+Trailing ``KEY VALUE`` overrides and Detectron2's launch flags (``--num-gpus`` ...) go to every training run
+(``python -m mmt_psm.train_net``); progress lines give runs done / total, the time elapsed and an estimate of the
+time left, and each run's log (``<output>/<arm>_seed<S>/stdout.txt``) as it starts.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from mmt_psm.core.cli import add_launch_arguments, add_output_argument, launch_argv
 from mmt_psm.core.protocol import final_metrics, run_arm, run_jobs, train, write_results
 from mmt_psm.core.protocol import markdown as protocol_markdown
 from mmt_psm.core.protocol import summarize as protocol_summarize
@@ -81,7 +86,7 @@ def final_results(run_dir: str) -> Optional[Dict[str, float]]:
 def run_one(arm: str, seed: int, args: argparse.Namespace) -> Dict[str, float]:
     """Train + evaluate one arm/seed unless already finished; returns its final metrics."""
     config, overrides = ARMS[arm]
-    return run_arm(ROOT, arm, seed, os.path.join(args.out, f"{arm}_seed{seed}"),
+    return run_arm(ROOT, arm, seed, os.path.join(args.output, f"{arm}_seed{seed}"),
                    os.path.join(ROOT, "configs", "acdc", config), overrides, args, final_results,
                    lambda res: f"Dice {res[f'{TASK}/Dice']:.4f}")
 
@@ -89,13 +94,14 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> Dict[str, float]:
 def rescore_largest_component(arm: str, seed: int, args: argparse.Namespace) -> Dict[str, float]:
     """A finished run's final model re-evaluated with ``TEST.VOLUME_LARGEST_COMPONENT True`` (into
     ``<run>/largest_component``; done once); its flattened results, as ``final_results`` gives them."""
-    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
+    run_dir = os.path.join(args.output, f"{arm}_seed{seed}")
     if final_results(run_dir) is None:
         raise FileNotFoundError(f"{arm} seed {seed} has no final results in {run_dir}: train it first")
     out_dir = os.path.join(run_dir, "largest_component")
     path = os.path.join(out_dir, "eval_results.json")
     if not os.path.isfile(path):
-        opts = ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", out_dir,
+        opts = ["--eval-only", *launch_argv(args, getattr(args, "jobs", 1)), "MODEL.WEIGHTS",
+                os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", out_dir,
                 "TEST.VOLUME_LARGEST_COMPONENT", "True"]
         train(ROOT, os.path.join(run_dir, "config.yaml"), opts, out_dir, args.threads,
               what=f"{arm} seed {seed} (largest component)")
@@ -125,12 +131,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     p.add_argument("--single-seed-arms", nargs="*", default=["supervised_all", "scribble_only"],
                    help="arms run with the first seed only (they do not depend on the patient split)")
-    p.add_argument("--out", default=os.path.join(ROOT, "output", "acdc_protocol"))
+    add_output_argument(p, "folder of every run (<arm>_seed<S>/: train_net's OUTPUT_DIR with checkpoints, "
+                        "metrics.json and the run's log stdout.txt) and the tables results.json and results.md",
+                        default=os.path.join(ROOT, "output", "acdc_protocol"))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
     p.add_argument("--largest-component", action="store_true",
-                   help="re-score finished runs, each structure's largest 3D component only (<out>/largest_component)")
+                   help="re-score finished runs, each structure's largest 3D component only "
+                        "(<output>/largest_component)")
+    add_launch_arguments(p, "every training run")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
     args = p.parse_args(argv)
     # seed-major order: every arm of the first seed finishes before the second seed starts
@@ -139,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     one = rescore_largest_component if args.largest_component else run_one
     results, failures = run_jobs(jobs, lambda a, s: one(a, s, args), args.jobs)
     table = summarize(results)
-    out = os.path.join(args.out, "largest_component") if args.largest_component else args.out
+    out = os.path.join(args.output, "largest_component") if args.largest_component else args.output
     write_results(out, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0
 

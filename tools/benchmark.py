@@ -38,6 +38,7 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage, get_event_storage
 
 from mmt_psm.config import load_config  # importing mmt_psm registers its models
+from mmt_psm.core.cli import add_config_argument
 from mmt_psm.core.ema import ema_update_
 from mmt_psm.instance.bench_inputs import (
     data_loading_times,
@@ -55,7 +56,7 @@ NAMES = {"A": "MMT-PSM", "T": "MMT-PSM, trained weights", "B": "supervised, same
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Command line; trailing ``KEY VALUE`` pairs override the config."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default="configs/mmt_psm_R50.yaml")
+    add_config_argument(p, "MMT-PSM config to time", default="configs/mmt_psm_R50.yaml")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="torch.autocast(float16) + GradScaler (CUDA only)")
     p.add_argument("--size", type=int, default=512, help="square image side in pixels")

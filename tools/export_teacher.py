@@ -2,10 +2,10 @@
 """Export the teacher of a teacher-student checkpoint as a plain Detectron2 model.
 
     python tools/export_teacher.py output/mmt_psm_R50                 # uses last_checkpoint + config.yaml
-    python tools/export_teacher.py output/mmt_psm_R50/model_final.pth --config output/mmt_psm_R50/config.yaml
+    python tools/export_teacher.py output/mmt_psm_R50/model_final.pth --config-file output/mmt_psm_R50/config.yaml
 
-Writes ``<out>/model_teacher.pth`` (a GeneralizedRCNN / SemanticSegmentor state dict in Detectron2's
-checkpoint format) and ``<out>/config_teacher.yaml`` (only Detectron2's own keys, META_ARCHITECTURE set to the
+Writes ``<output>/model_teacher.pth`` (a GeneralizedRCNN / SemanticSegmentor state dict in Detectron2's
+checkpoint format) and ``<output>/config_teacher.yaml`` (only Detectron2's own keys, META_ARCHITECTURE set to the
 student architecture, MODEL.WEIGHTS pointing at the exported file). Both load in Detectron2's demo and
 ``DefaultPredictor`` without this package installed. ``--which student`` exports the student instead (default:
 the run's reported model, ``SEMI.EVAL_WITH``; for mixed supervision the bottom head, as a plain
@@ -28,6 +28,7 @@ from detectron2.config import CfgNode, get_cfg
 
 from mmt_psm.config import add_mmt_psm_config
 from mmt_psm.core.atomic import save_torch, write_text
+from mmt_psm.core.cli import add_config_argument, add_output_argument
 from mmt_psm.networks.unet import add_unet_config
 
 # teacher-student meta-architecture -> the config node naming the plain architecture of its teacher/student
@@ -72,8 +73,9 @@ def extract_model(state: Dict[str, torch.Tensor], which: str = "teacher") -> Dic
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="training OUTPUT_DIR or a checkpoint .pth")
-    ap.add_argument("--config", default="", help="config of the run (default: config.yaml beside the checkpoint)")
-    ap.add_argument("--output", default="", help="output folder (default: the checkpoint's folder)")
+    add_config_argument(ap, "config of the run (default: config.yaml beside the checkpoint)")
+    add_output_argument(ap, "folder for model_<which>.pth and config_<which>.yaml (default: the checkpoint's "
+                        "folder)", default="")
     ap.add_argument("--which", choices=["teacher", "student"], default=None,
                     help="model to export (default: the reported one, SEMI.EVAL_WITH of the run's config)")
     args = ap.parse_args(argv)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     else:
         ckpt = args.source
     run_dir = os.path.dirname(os.path.abspath(ckpt))
-    config = args.config or os.path.join(run_dir, "config.yaml")
+    config = args.config_file or os.path.join(run_dir, "config.yaml")
     out_dir = args.output or run_dir
     for path in (ckpt, config):
         if not os.path.exists(path):

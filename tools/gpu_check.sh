@@ -103,7 +103,7 @@ for c in supervised_p3 supervised_all scribble_only mixed_supervision mean_teach
     "\$NEED_ACDC || { echo 'no ACDC data (data_acdc skipped)'; exit 77; }; \$PY tools/train_net.py --config-file configs/acdc/$c.yaml \$SEM_OPTS $tests OUTPUT_DIR \$OUT/acdc/$c"
 done
 add psm_stage1_cuda 150 bg "" \
-  'test -d $PSM_IMAGES || { echo "no MoNuSeg tiles at $PSM_IMAGES"; exit 77; }; rm -rf $OUT/psm && $PY tools/psm_stage.py activation --images $PSM_IMAGES --labels $OUT/psm/labels --config configs/psm/Base-PSM-UNet.yaml MODEL.DEVICE $DEV PSM.SELF_SUP.ITERS 100'
+  'test -d $PSM_IMAGES || { echo "no MoNuSeg tiles at $PSM_IMAGES"; exit 77; }; rm -rf $OUT/psm && $PY tools/psm_stage.py activation --images $PSM_IMAGES --labels $OUT/psm/labels --config-file configs/psm/Base-PSM-UNet.yaml MODEL.DEVICE $DEV PSM.SELF_SUP.ITERS 100'
 
 # while the bg checks above run (not timed), the Mask R-CNN runs
 add e2e_train_50 180 seq data_synthetic \
@@ -113,8 +113,8 @@ add e2e_resume_60 120 seq e2e_train_50 \
 add e2e_eval_only 150 seq e2e_resume_60 \
   '$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml --eval-only $E2E_OPTS SOLVER.MAX_ITER 60 $EVAL_OPTS && $PY tools/gpu_check_steps.py expect-keys $OUT/e2e_eval/eval_results.json segm/AP segm_student/AP bbox/AP bbox_student/AP --allow-nan'
 add e2e_export_predictor 90 seq e2e_resume_60 \
-  '$PY tools/export_teacher.py $OUT/e2e && $PY tools/gpu_check_steps.py predict --config $OUT/e2e/config_teacher.yaml --image datasets/synthetic/images/test_0.png --device $DEV'
-add ddp_gloo_2proc 150 seq data_synthetic '$PY tools/gpu_check_steps.py ddp --out $OUT/ddp --device $DEV --timeout 140'
+  '$PY tools/export_teacher.py $OUT/e2e && $PY tools/gpu_check_steps.py predict --config-file $OUT/e2e/config_teacher.yaml --image datasets/synthetic/images/test_0.png --device $DEV'
+add ddp_gloo_2proc 150 seq data_synthetic '$PY tools/gpu_check_steps.py ddp --output $OUT/ddp --device $DEV --timeout 140'
 
 # ------------------------------------------------------------------ bookkeeping
 MODE=run
@@ -211,7 +211,7 @@ for i in "${!NAMES[@]}"; do
 done
 for entry in ${BG[@]+"${BG[@]}"}; do finish "$entry"; done
 
-"$PY" tools/gpu_check_steps.py summary --results "$RESULTS" --out "$OUT/summary.json" --bench-dir "$OUT/bench" \
+"$PY" tools/gpu_check_steps.py summary --results "$RESULTS" --output "$OUT/summary.json" --bench-dir "$OUT/bench" \
   --env "$OUT/env.json" --mode "$MODE" --started "$STARTED" --wall-s "$(( $(date +%s) - START ))" \
   --budget-s "$BUDGET" || echo "FAIL summary (could not write $OUT/summary.json)"
 for s in ${STATUS[@]+"${STATUS[@]}"}; do [ "$s" = fail ] && exit 1; done

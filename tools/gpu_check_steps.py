@@ -2,10 +2,10 @@
 """The steps of tools/gpu_check.sh that need Python (one subcommand each), and its summary and dry-run validator.
 
     python tools/gpu_check_steps.py setup --site DIR --wheels DIR [--d2-wheels DIR]   # wheels + imports + GPU
-    python tools/gpu_check_steps.py predict --config CFG --image PNG                  # DefaultPredictor, CUDA
+    python tools/gpu_check_steps.py predict --config-file CFG --image PNG             # DefaultPredictor, CUDA
     python tools/gpu_check_steps.py expect-keys FILE KEY ...                          # finite numbers in a JSON
-    python tools/gpu_check_steps.py ddp --out DIR                                     # 2 processes, gloo, 1 GPU
-    python tools/gpu_check_steps.py summary --results TSV --out JSON ...              # output/gpu_check/summary.json
+    python tools/gpu_check_steps.py ddp --output DIR                                  # 2 processes, gloo, 1 GPU
+    python tools/gpu_check_steps.py summary --results TSV --output JSON ...           # output/gpu_check/summary.json
     python tools/gpu_check_steps.py validate --plan TSV                               # --dry-run: parse, not run
 
 ``setup``, ``summary`` and ``validate`` import only the standard library at start (``validate`` also reads
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,18 @@ MODULES = ["torch", "torchvision", "numpy", "cv2", "scipy", "skimage", "sklearn"
 # Detectron2's default_argument_parser (tools/train_net.py), when detectron2 cannot be imported to ask it
 D2_TRAIN_FLAGS = {"--config-file", "--resume", "--eval-only", "--num-gpus", "--num-machines", "--machine-rank",
                   "--dist-url", "-h", "--help"}
+
+
+def _load_cli():
+    """mmt_psm/core/cli.py (the flags every tool shares) by its path: importing ``mmt_psm`` needs torch and
+    Detectron2, which ``setup`` may not have installed yet; that module needs only the standard library."""
+    spec = importlib.util.spec_from_file_location("mmt_psm_cli", os.path.join(REPO, "mmt_psm", "core", "cli.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = _load_cli()
 
 
 # ---------------------------------------------------------------------- setup
@@ -116,7 +129,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from detectron2.engine import DefaultPredictor
 
     cfg = get_cfg()
-    cfg.merge_from_file(args.config)
+    cfg.merge_from_file(args.config_file)
     cfg.MODEL.DEVICE = args.device
     image = cv2.imread(args.image)
     if image is None:
@@ -193,11 +206,11 @@ def cmd_ddp(args: argparse.Namespace) -> int:
 
     from mmt_psm.instance.synthetic import write_synthetic_dataset
 
-    os.makedirs(args.out, exist_ok=True)
-    data_root = os.path.join(args.out, "data")
+    os.makedirs(args.output, exist_ok=True)
+    data_root = os.path.join(args.output, "data")
     write_synthetic_dataset(data_root, 4, 1, 4, size=128, seed=0)
-    init = os.path.join(args.out, f"init_{os.getpid()}")
-    ctx = mp.start_processes(_ddp_worker, args=(2, init, data_root, args.out, args.device), nprocs=2, join=False,
+    init = os.path.join(args.output, f"init_{os.getpid()}")
+    ctx = mp.start_processes(_ddp_worker, args=(2, init, data_root, args.output, args.device), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.time() + args.timeout
     while not ctx.join(timeout=5):
@@ -206,7 +219,7 @@ def cmd_ddp(args: argparse.Namespace) -> int:
                 p.kill()
             print(f"the 2 ranks did not finish in {args.timeout} s (a rank waits on a collective?)")
             return 1
-    r0, r1 = (torch.load(os.path.join(args.out, f"rank{r}.pth"), weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(os.path.join(args.output, f"rank{r}.pth"), weights_only=True) for r in (0, 1))
     diff = {part: [k for k in r0[part] if not torch.equal(r0[part][k], r1[part][k])] for part in ("teacher", "student")}
     if any(diff.values()):
         print(f"ranks differ: teacher {diff['teacher'][:5]}, student {diff['student'][:5]}")
@@ -241,7 +254,7 @@ def _bench_metrics(path: str) -> Optional[Dict[str, Any]]:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    """``--out`` JSON from the script's results TSV (name, status, rc, seconds, reason or a passed check's last
+    """``--output`` JSON from the script's results TSV (name, status, rc, seconds, reason or a passed check's last
     output line, log, command); benchmark checks get their numbers and the AMP speed-up (fp32 / AMP median step,
     per variant) per config."""
     checks = []
@@ -279,11 +292,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         "budget_s": int(args.budget_s), "ok": counts["fail"] == 0, "passed": counts["pass"], "failed": counts["fail"],
         "skipped": counts["skip"], "env": env, "benchmark": bench, "checks": checks,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
-    os.replace(tmp, args.out)
+    os.replace(tmp, args.output)
     for config, runs in bench.items():
         for prec in ("fp32", "amp"):
             m = runs.get(prec)
@@ -293,15 +306,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
                       f"{m['peak_mem_gib'].get('A') or 0:.2f} GiB; data share {m['data_time_share_serial']}")
         if "amp_speedup" in runs:
             print(f"benchmark {config}: AMP speed-up of the MMT-PSM step {runs['amp_speedup'].get('A', 0):.2f}x")
-    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped -> {args.out}")
+    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped -> {args.output}")
     return 0
 
 
 # ---------------------------------------------------------------------- validate (dry run)
 def _script_flags(path: str) -> Tuple[Optional[set], set]:
     """(option strings a script accepts, those that take no value): Detectron2's default_argument_parser for
-    scripts built on it, else the ``add_argument("--x", ...)`` calls of the script (None: not an argparse script
-    we can read)."""
+    scripts built on it, else the ``add_argument("--x", ...)`` calls of the script and the flags of the
+    mmt_psm/core/cli.py helpers it calls (None: not an argparse script we can read)."""
     with open(path) as f:
         src = f.read()
     if re.search(r"^from (detectron2\.engine import .*default_argument_parser|mmt_psm\.train_net import)", src, re.M):
@@ -320,6 +333,9 @@ def _script_flags(path: str) -> Tuple[Optional[set], set]:
         flags |= set(opts)
         if re.search(r"""action\s*=\s*["']store_(true|false)["']""", rest):
             no_value |= set(opts)
+    for helper, helper_flags in CLI.HELPER_FLAGS.items():
+        if re.search(rf"\b{helper}\(", src):
+            flags |= set(helper_flags)
     return (flags if "argparse" in src else None), no_value
 
 
@@ -474,7 +490,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--wheels", default="")
     s.add_argument("--d2-wheels", default="build/wheels")
     s = sub.add_parser("predict")
-    s.add_argument("--config", required=True)
+    CLI.add_config_argument(s, "config of the exported model", required=True)
     s.add_argument("--image", required=True)
     s.add_argument("--device", default="cuda")
     s = sub.add_parser("expect-keys")
@@ -482,12 +498,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("keys", nargs="+")
     s.add_argument("--allow-nan", action="store_true")
     s = sub.add_parser("ddp")
-    s.add_argument("--out", required=True)
+    CLI.add_output_argument(s, "folder for the two ranks' data, rank<R>.pth weights and logs", required=True)
     s.add_argument("--device", default="cuda")
     s.add_argument("--timeout", type=float, default=150.0)
     s = sub.add_parser("summary")
     s.add_argument("--results", required=True)
-    s.add_argument("--out", required=True)
+    CLI.add_output_argument(s, "the summary JSON file to write (output/gpu_check/summary.json)", required=True,
+                            metavar="FILE")
     s.add_argument("--bench-dir", default="")
     s.add_argument("--env", default="")
     s.add_argument("--mode", default="run")

@@ -30,11 +30,14 @@ and student box-head dropout; they differ only in what the protocol compares:
 With ``--share-burn-in`` the teacher-student arms do not train their own burn-in: they start at iteration
 ``SEMI.BURN_IN_ITERS`` from supervised_n2's checkpoint after iteration ``BURN_IN_ITERS - 1`` of the same seed
 (``SEMI.BURN_IN_CHECKPOINT``), i.e. from literally the same model, and wait for that file while supervised_n2
-trains. Their runs differ from runs without the flag: give them their own ``--out``.
+trains. Their runs differ from runs without the flag: give them their own ``--output``.
 
 A finished run (its metrics.json holds the evaluation at the last iteration) is not redone; an interrupted one
-continues from its last checkpoint (``--resume``). Writes <out>/results.json and <out>/results.md: COCO segm AP
-(all, per class) and cell AJI / F1 / Dice per class, mean +- std over seeds, of the teacher and the student.
+continues from its last checkpoint (``--resume``). Writes <output>/results.json and <output>/results.md: COCO
+segm AP (all, per class) and cell AJI / F1 / Dice per class, mean +- std over seeds, of the teacher and the student.
+Trailing ``KEY VALUE`` overrides and Detectron2's launch flags (``--num-gpus`` ...) go to every training run
+(``python -m mmt_psm.train_net``); progress lines give runs done / total, the time elapsed and an estimate of the
+time left, and each run's log (``<output>/<arm>_seed<S>/stdout.txt``) as it starts.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from mmt_psm.core.cli import add_launch_arguments, add_output_argument, launch_argv
 from mmt_psm.core.protocol import final_metrics, run_arm, run_jobs, train, write_results
 from mmt_psm.core.protocol import markdown as protocol_markdown
 from mmt_psm.core.protocol import summarize as protocol_summarize
@@ -113,11 +117,11 @@ def ensure_pretrained(args: argparse.Namespace) -> str:
         if not os.path.isfile(args.weights):
             raise FileNotFoundError(f"--weights {args.weights} does not exist")
         return args.weights
-    run_dir = os.path.join(args.out, "pretrain_synth45")
+    run_dir = os.path.join(args.output, "pretrain_synth45")
     weights = os.path.join(run_dir, "model_final.pth")
     if not os.path.isfile(weights):
-        print(f"[start] shared pre-training -> {run_dir}", flush=True)
-        train(ROOT, PRETRAIN, ["OUTPUT_DIR", run_dir, *args.opts], run_dir, args.threads, what="pre-training")
+        train(ROOT, PRETRAIN, [*launch_argv(args), "OUTPUT_DIR", run_dir, *args.opts], run_dir, args.threads,
+              what="shared pre-training")
     return weights
 
 
@@ -167,13 +171,13 @@ def run_one(arm: str, seed: int, weights: str, args: argparse.Namespace,
     """Train + evaluate one arm/seed unless already finished; returns its final metrics. With
     ``args.share_burn_in`` a teacher-student arm starts from supervised_n2's burn-in checkpoint, waiting for it
     until ``sup_ended[seed]`` is set, which supervised_n2 does when it ends."""
-    run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
+    run_dir = os.path.join(args.output, f"{arm}_seed{seed}")
     base, scarce = getattr(args, "base", BASE), getattr(args, "scarce", "supervised_n2")
     overrides = {"MODEL.WEIGHTS": weights, **ARMS[arm]}
     if is_teacher_student(arm):  # the scarce arm's labeled frames
         overrides["DATASETS.SPLIT_FILE"] = ARMS[scarce]["DATASETS.SPLIT_FILE"]
     if args.share_burn_in and is_teacher_student(arm):
-        shared = burn_in_checkpoint(args.out, seed, args.opts, base, scarce)
+        shared = burn_in_checkpoint(args.output, seed, args.opts, base, scarce)
         overrides["SEMI.BURN_IN_CHECKPOINT"] = shared
         if final_results(run_dir) is None and not args.report_only:
             wait_for(shared, sup_ended[seed], f"{arm} seed {seed}")
@@ -203,7 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--weights", default="", help="shared start of every arm (default: pre-train on synth45)")
     p.add_argument("--base", default=BASE, help="the arms' config (default configs/cpu/protocol.yaml; "
                    "configs/cpu/pretrained_protocol.yaml starts from ImageNet MobileNetV2 with --weights)")
-    p.add_argument("--out", default=os.path.join(ROOT, "output", "isbi_protocol"))
+    add_output_argument(p, "folder of every run (<arm>_seed<S>/: train_net's OUTPUT_DIR with checkpoints, "
+                        "metrics.json and the run's log stdout.txt; pretrain_synth45/ for the shared start) and the "
+                        "tables results.json and results.md", default=os.path.join(ROOT, "output", "isbi_protocol"))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
@@ -212,6 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "--share-burn-in, start from its burn-in checkpoint)")
     p.add_argument("--share-burn-in", action="store_true",
                    help="teacher-student arms start from supervised_n2's burn-in checkpoint of the same seed")
+    add_launch_arguments(p, "every training run")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run")
     args = p.parse_args(argv)
     splits = {ARMS[a]["DATASETS.SPLIT_FILE"] for a in args.arms} - {"''"}
@@ -220,10 +227,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not os.path.isfile(os.path.join(ROOT, split.format(s=s))):
                 count = 1 if split == SPLIT_N1 else 2
                 p.error(f"no split file {split.format(s=s)}: python tools/make_splits.py --dataset isbi2015_train "
-                        f"--count {count} --seed {s} --out {split.format(s=s)}")
+                        f"--count {count} --seed {s} --output {split.format(s=s)}")
     if args.share_burn_in:
         try:
-            shared = {s: burn_in_checkpoint(args.out, s, args.opts, args.base, args.scarce) for s in args.seeds}
+            shared = {s: burn_in_checkpoint(args.output, s, args.opts, args.base, args.scarce) for s in args.seeds}
         except ValueError as e:
             p.error(str(e))
         missing = [s for s in args.seeds if not os.path.isfile(shared[s])]
@@ -239,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             event.set()  # its checkpoints exist (checked above); nothing will write them
     results, failures = run_jobs(jobs, lambda a, s: run_one(a, s, weights, args, sup_ended), args.jobs)
     table = summarize(results)
-    write_results(args.out, args.seeds, table, results, failures, markdown(table, args.seeds))
+    write_results(args.output, args.seeds, table, results, failures, markdown(table, args.seeds))
     return 1 if failures else 0
 
 

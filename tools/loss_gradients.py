@@ -25,6 +25,7 @@ from detectron2.utils.events import EventStorage
 from mmt_psm.config import load_config
 from mmt_psm.core import Trainer
 from mmt_psm.core.atomic import write_json
+from mmt_psm.core.cli import add_config_argument
 from mmt_psm.instance.loss_gradients import loss_gradient_stats, parameter_groups
 
 
@@ -87,7 +88,7 @@ def table(r: Dict, groups=("backbone", "roi_heads", "adaptors")) -> str:
 def main(argv: Optional[List[str]] = None) -> Dict:
     """Command line entry point; returns the results dict."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="a teacher-student run's config (e.g. its config.yaml)")
+    add_config_argument(p, "a teacher-student run's config (e.g. its config.yaml)", required=True)
     p.add_argument("--weights", required=True, help="checkpoint of that run (student and teacher)")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--iteration", type=int, default=-1, help="sets the unsupervised weight (-1: end of ramp-up)")

@@ -2,17 +2,17 @@
 """Write a seeded labeled/unlabeled split file of a registered data set (see mmt_psm/core/splits.py).
 
     python tools/make_splits.py --dataset isbi2015_train --count 2 --seed 1 \
-        --out datasets/splits/isbi2015_train_n2_seed1.json
-    python tools/make_splits.py --dataset synthetic_train --percent 25 --seed 3 --out split.json
+        --output datasets/splits/isbi2015_train_n2_seed1.json
+    python tools/make_splits.py --dataset synthetic_train --percent 25 --seed 3 --output split.json
     python tools/make_splits.py --register "cells:my_cells/train.json:my_cells/images" --dataset cells \
-        --count 10 --seed 1 --out my_cells/split_n10_seed1.json      # your own data (DATASETS.REGISTER entry)
+        --count 10 --seed 1 --output my_cells/split_n10_seed1.json   # your own data (DATASETS.REGISTER entry)
 
 The data set must be prepared (its image ids are read from its COCO file).
 
 Patient mode (ACDC and other volume data sets: whole patients are labeled, weak or test, never split):
 
     python tools/make_splits.py --patients datasets/cardiac/acdc --count 7 --seed 4 \
-        --out datasets/cardiac/acdc/splits/p7_seed4.json      # registered as acdc_p7_seed4_* by
+        --output datasets/cardiac/acdc/splits/p7_seed4.json   # registered as acdc_p7_seed4_* by
                                                                # mmt_psm.semantic.acdc_datasets.register_acdc_split(out)
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 from typing import List, Optional
+
+from mmt_psm.core.cli import add_output_argument
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -34,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     size.add_argument("--count", type=int, help="number of labeled images")
     size.add_argument("--percent", type=float, help="percentage of labeled images (rounded half up, >= 1)")
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out", required=True, help="split file to write (.json)")
+    add_output_argument(p, "split file to write (.json: labeled and unlabeled image ids, or in patient mode the "
+                        "labeled / weak / test patients)", required=True, metavar="FILE")
     p.add_argument("--register", action="append", default=[],
                    help="a DATASETS.REGISTER entry to register first, e.g. name:train.json:image_root (repeatable)")
     args = p.parse_args(argv)
@@ -53,9 +56,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         register_user_dataset(entry)
     dicts = DatasetCatalog.get(args.dataset)
     split = make_split(args.dataset, [d["image_id"] for d in dicts], args.seed, args.count, args.percent)
-    write_split(args.out, split)
+    write_split(args.output, split)
     files = {d["image_id"]: os.path.basename(d["file_name"]) for d in dicts}
-    print(f"wrote {args.out}: {args.dataset}, seed {args.seed}, "
+    print(f"wrote {args.output}: {args.dataset}, seed {args.seed}, "
           f"{len(split['labeled_ids'])} labeled / {len(split['unlabeled_ids'])} unlabeled")
     print("labeled:", ", ".join(f"{i} ({files[i]})" for i in split["labeled_ids"]))
     print("registers as:", ", ".join(split_names(split)))
@@ -76,8 +79,8 @@ def patient_split(args: argparse.Namespace) -> None:
     if args.count is None:
         raise SystemExit("patient mode needs --count (number of fully labeled patients)")
     split = make_patient_split(patients, args.count, args.seed, args.test_patients)
-    write_json(args.out, split)
-    print(f"wrote {args.out}: {len(split['labeled_patients'])} labeled / {len(split['weak_patients'])} weak / "
+    write_json(args.output, split)
+    print(f"wrote {args.output}: {len(split['labeled_patients'])} labeled / {len(split['weak_patients'])} weak / "
           f"{len(split['test_patients'])} test patients; labeled: {', '.join(split['labeled_patients'])}")
 
 

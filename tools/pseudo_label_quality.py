@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from mmt_psm.core.cli import add_output_argument
+
 
 def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     """``{"<class>@<t>": {precision, recall, matched_iou, per_image}}`` over the crops."""
@@ -82,7 +84,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
-    """Measure, print a table, write ``<run_dir>/pseudo_label_quality.json``."""
+    """Measure, print a table, write ``--output`` (default ``<run_dir>/pseudo_label_quality_<which>.json``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--gt", default="isbi2015_train", help="labeled data set holding the held-back images")
@@ -91,7 +93,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.3, 0.5, 0.7])
     p.add_argument("--crops", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON file (default <run_dir>/pseudo_label_quality_<which>.json)")
+    add_output_argument(p, "JSON file for the table and the arguments (default "
+                        "<run_dir>/pseudo_label_quality_<which>.json)", metavar="FILE")
     args = p.parse_args(argv)
     result = measure(args)
     print(f"{args.which} of {args.run_dir}, {args.crops} views of held-back {args.gt} images:")
@@ -100,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     for k, r in result.items():
         print(f"| {k} | {r['precision']:.2f} | {r['recall']:.2f} | {r['matched_iou']:.2f} | "
               f"{r['pseudo_labels_per_crop']:.1f} | {r['objects_per_crop']:.1f} |")
-    out = args.out or os.path.join(args.run_dir, f"pseudo_label_quality_{args.which}.json")
+    out = args.output or os.path.join(args.run_dir, f"pseudo_label_quality_{args.which}.json")
     with open(out, "w") as f:
         json.dump({"args": vars(args), "result": result}, f, indent=1)
     return result

@@ -2,7 +2,7 @@
 """Side-by-side PNGs of PSM predictions and ground truth (the README's figures).
 
     python tools/psm_figure.py --pred output/psm_h_seedm1/predictions --images monuseg_test \
-        --stems TCGA-ZF-A9R5-01A-01-TS1 TCGA-HT-8564-01Z-00-DX1 --crop 320 --out docs/psm
+        --stems TCGA-ZF-A9R5-01A-01-TS1 TCGA-HT-8564-01Z-00-DX1 --crop 320 --output docs/psm
 
 Each figure: the centre ``--crop`` x ``--crop`` window of the image with the predicted instances' contours
 (yellow, left) and the ground truth's (green, right), the image's AJI from ``PRED/metrics.json`` in the title
@@ -23,6 +23,7 @@ import numpy as np
 
 import mmt_psm  # noqa: F401  (registers the data sets)
 from mmt_psm.core.atomic import write_image
+from mmt_psm.core.cli import add_output_argument
 from mmt_psm.nuclei.pipeline.label_files import resolve_images
 from mmt_psm.nuclei.pipeline.predict import contour_overlay
 from mmt_psm.nuclei.tile_io import read_he_image
@@ -65,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--gt", default="", help="instance-map folder or data set (default: --images)")
     p.add_argument("--stems", nargs="+", required=True)
     p.add_argument("--crop", type=int, default=320)
-    p.add_argument("--out", required=True)
+    add_output_argument(p, "folder for the figures, one <stem>.png per --stems", required=True)
     a = p.parse_args(argv)
     gt_source = a.gt or a.images
     records = {r["stem"]: r for r in resolve_images(a.images, gt_source)}
@@ -82,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         title = f"{stem}: prediction (yellow) | ground truth (green)"
         if stem in aji:
             title += f", image AJI {aji[stem]:.3f}"
-        out = os.path.join(a.out, stem + ".png")
+        out = os.path.join(a.output, stem + ".png")
         write_image(out, figure(read_he_image(r["file_name"]), pred, gt, a.crop, title))
         print(out, flush=True)
     return 0

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from mmt_psm.core.cli import add_output_argument
 from mmt_psm.core.protocol import markdown, summarize
 
 METRICS = ["AJI", "AJI_pooled", "F1", "Dice", "IoU", "AP50", "paper AJI", "paper F1", "paper Dice"]
@@ -27,7 +28,7 @@ def load_metrics(run: str, predictions: str) -> Dict[str, float]:
     """``{metric: value}`` of one run's prediction folder, keys as in ``METRICS``."""
     path = os.path.join(run, predictions, "metrics.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: run tools/psm_stage.py predict --out "
+        raise FileNotFoundError(f"{path} does not exist: run tools/psm_stage.py predict --output "
                                 f"{os.path.join(run, predictions)} first")
     with open(path) as f:
         res = json.load(f)
@@ -61,18 +62,18 @@ def report(runs: Sequence[str], predictions: Sequence[str]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Print (and with ``--out`` write) the summary."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Print (and with ``--output`` write) the summary."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="PSM pipeline output folders, one per seed")
     p.add_argument("--predictions", nargs="+", default=["predictions"], help="prediction sub-folders to compare")
-    p.add_argument("--out", help="also write the markdown here")
+    add_output_argument(p, "also write the summary (markdown) to this file", metavar="FILE")
     args = p.parse_args(argv)
     text = report(args.runs, args.predictions)
     print(text)
-    if args.out:
+    if args.output:
         from mmt_psm.core.atomic import write_text
 
-        write_text(args.out, text)
+        write_text(args.output, text)
     return 0
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from mmt_psm.core.cli import add_output_argument
 from mmt_psm.core.threads import GIVE_BACK_SIGNAL, THREAD_SIGNAL, usable_cpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +183,9 @@ def table(rows: Dict[str, Dict[str, float]], suffixes: Dict[str, str]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", default="output_quickstart")
+    add_output_argument(ap, "folder of the two runs: supervised/ and mmt_psm/ (train_net output: checkpoints, "
+                        "metrics.json, config.yaml; predictions/ PNGs), their console logs *.console.log",
+                        default="output_quickstart")
     args = ap.parse_args(argv)
     py = sys.executable
     start = time.time()

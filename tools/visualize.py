@@ -29,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 import mmt_psm  # noqa: F401  (registers data sets and models)
 from mmt_psm.config import load_config
 from mmt_psm.core import Trainer
+from mmt_psm.core.cli import add_config_argument, add_output_argument
 from mmt_psm.instance.user_datasets import register_datasets_from_config
 from mmt_psm.instance.visualize import draw_dataset_predictions, draw_image_predictions, list_images
 
@@ -37,12 +38,13 @@ logger = logging.getLogger("mmt_psm.visualize")
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, metavar="FILE")
+    add_config_argument(p, "config of the model (e.g. a run's config.yaml)", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", action="append", metavar="DIR_OR_GLOB",
                      help="image folder, glob pattern (quoted) or file; repeat for more")
     src.add_argument("--dataset", help="registered data set name: ground truth | prediction")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNGs")
+    add_output_argument(p, "folder for the PNGs, one per image (--dataset: ground truth | prediction side by "
+                        "side)", required=True)
     p.add_argument("--weights", default="", help="checkpoint (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw predictions with score >= this")
     p.add_argument("--max-images", type=int, default=0, help="at most this many images (0 = all)")

@@ -129,7 +129,7 @@ def test_register_split_and_cli(tmp_path):
     make_splits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_splits)
     out = str(tmp_path / "split.json")
-    make_splits.main(["--dataset", "tiny_cells", "--percent", "40", "--seed", "3", "--out", out])
+    make_splits.main(["--dataset", "tiny_cells", "--percent", "40", "--seed", "3", "--output", out])
     split = json.load(open(out))
     expected = splits.make_split("tiny_cells", [11, 12, 15, 17, 30], 3, percent=40)
     assert split["labeled_ids"] == expected["labeled_ids"] == [12, 30]

@@ -206,7 +206,7 @@ def test_make_splits_registers_a_user_data_set(user, tmp_path):
     spec.loader.exec_module(make_splits)
     out = str(tmp_path / "split.json")
     make_splits.main(["--register", f"ud_ms:{user['train']}:{user['image_root']}", "--dataset", "ud_ms",
-                      "--count", "2", "--seed", "1", "--out", out])
+                      "--count", "2", "--seed", "1", "--output", out])
     split = splits.load_split(out)
     assert split["dataset"] == "ud_ms" and len(split["labeled_ids"]) == 2
     assert sorted(split["labeled_ids"] + split["unlabeled_ids"]) == [1000, 1001, 1002]

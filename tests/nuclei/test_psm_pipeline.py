@@ -32,7 +32,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     images, gt = str(tmp_path / "tiles"), str(tmp_path / "gt")
     write_tiles(images, n=2, size=(64, 64), gt_folder=gt)
     out = str(tmp_path / "run")
-    argv = ["--images", images, "--out", out, "--train-gt", gt, "--det-iters", "2", "--seg-iters", "2"] + TINY
+    argv = ["--images", images, "--output", out, "--train-gt", gt, "--det-iters", "2", "--seg-iters", "2"] + TINY
     assert _tool("psm_pipeline").main(argv) == 0
     labels = os.path.join(out, "labels")
     index = json.load(open(os.path.join(labels, "index.json")))
@@ -67,7 +67,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert json.load(open(source)) == {"weights": os.path.abspath(weights), "bytes": os.path.getsize(weights),
                                        "mtime_ns": os.stat(weights).st_mtime_ns, "tta": True}  # segmentation.yaml
     assert json.load(open(os.path.join(labels, "probability", "source.json")))["tta"] is False  # stage 5: one view
-    predict = ["predict", "--images", images, "--gt", gt, "--weights", weights, "--out", pred] + TINY
+    predict = ["predict", "--images", images, "--gt", gt, "--weights", weights, "--output", pred] + TINY
     _tool("psm_stage").run(predict + ["PSM.TEST.TTA", "False"])
     log = capsys.readouterr().out
     assert "predicting every image again" in log and "[psm predict] 1/2 tile0" in log
@@ -83,7 +83,7 @@ def test_pipeline_with_refined_masks_trains_stage6_on_them(tmp_path, capsys):
     images, gt = str(tmp_path / "tiles"), str(tmp_path / "gt")
     write_tiles(images, n=2, size=(64, 64), gt_folder=gt)
     out = str(tmp_path / "run")
-    base = ["--images", images, "--out", out, "--train-gt", gt, "--det-iters", "2", "--seg-iters", "2"] + TINY
+    base = ["--images", images, "--output", out, "--train-gt", gt, "--det-iters", "2", "--seg-iters", "2"] + TINY
     assert _tool("psm_pipeline").main(base + ["PSM.REFINE.ENABLED", "True"]) == 0
     labels = os.path.join(out, "labels")
     index = json.load(open(os.path.join(labels, "index.json")))
@@ -148,4 +148,4 @@ def test_training_stages_launch_on_num_gpus_with_the_label_folder_in_the_environ
     assert calls == [(2, 2, os.pathsep.join(["other=/elsewhere", f"psm_labels={labels}"]))]
     assert os.environ["MMT_PSM_LABEL_SETS"] == "other=/elsewhere"
     with pytest.raises(SystemExit):  # the flag exists and takes an int
-        tool.main(["--images", "x", "--out", "y", "--num-gpus", "two"])
+        tool.main(["--images", "x", "--output", "y", "--num-gpus", "two"])

@@ -123,10 +123,10 @@ def test_pipeline_supervised(tmp_path, capsys):
     images, gt = _gt_folder(tmp_path)
     pipeline = _tool("psm_pipeline")
     with pytest.raises(SystemExit):
-        pipeline.main(["--supervised", "--images", images, "--out", str(tmp_path / "x")])
+        pipeline.main(["--supervised", "--images", images, "--output", str(tmp_path / "x")])
     assert "--supervised needs --train-gt" in capsys.readouterr().err
     out = str(tmp_path / "sup")
-    argv = ["--supervised", "--images", images, "--train-gt", gt, "--out", out, "--det-iters", "2",
+    argv = ["--supervised", "--images", images, "--train-gt", gt, "--output", out, "--det-iters", "2",
             "--seg-iters", "2"] + TINY
     assert pipeline.main(argv) == 0  # PSM's chain: stage 4 then stage 6 initialised from it, on GT labels
     log = capsys.readouterr().out

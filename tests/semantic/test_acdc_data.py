@@ -159,10 +159,10 @@ def test_make_splits_patient_mode_matches_prepared_split(tmp_path):
     out = tiny_acdc(str(tmp_path), prefix="splitacdc")
     tool = runpy.run_path(os.path.join(REPO, "tools", "make_splits.py"))
     target = str(tmp_path / "p3_seed2.json")
-    tool["main"](["--patients", out, "--count", "3", "--seed", "2", "--out", target])
+    tool["main"](["--patients", out, "--count", "3", "--seed", "2", "--output", target])
     assert read_patient_split(target) == read_patient_split(os.path.join(out, "splits", "p3_seed2.json"))
     tool["main"](["--patients", out, "--count", "2", "--seed", "5", "--test-patients", "patient100",
-                  "--out", target])
+                  "--output", target])
     split = read_patient_split(target)
     assert split["test_patients"] == ["patient100"] and len(split["labeled_patients"]) == 2
     assert len(split["weak_patients"]) == 5

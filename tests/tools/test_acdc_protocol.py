@@ -43,7 +43,7 @@ def test_largest_component_rescoring_collects_finished_runs_only(tmp_path):
     rescored = {"sem_seg_volume/Dice": 0.81, "sem_seg_volume/Dice-RV": 0.75, "sem_seg_volume_teacher/Dice": 0.7,
                 "sem_seg_volume_teacher/Dice-RV": 0.6}
     (out / "mixed_seed1" / "largest_component" / "eval_results.json").write_text(json.dumps(rescored))
-    rc = TOOL["main"](["--largest-component", "--arms", "mixed", "supervised_p3", "--seeds", "1", "--out", str(out)])
+    rc = TOOL["main"](["--largest-component", "--arms", "mixed", "supervised_p3", "--seeds", "1", "--output", str(out)])
     assert rc == 1
     res = json.loads((out / "largest_component" / "results.json").read_text())
     assert res["table"]["mixed"]["Dice"] == [0.81, 0.0, 1] and res["table"]["mixed (teacher)"]["Dice"][0] == 0.7
@@ -70,7 +70,7 @@ def test_largest_component_rescoring_evaluates_the_final_model_with_the_switch(t
 
     fn = TOOL["rescore_largest_component"]
     monkeypatch.setitem(fn.__globals__, "train", fake_train)
-    args = type("Args", (), {"out": str(out), "threads": 1})()
+    args = type("Args", (), {"output": str(out), "threads": 1})()
     assert fn("mixed", 2, args)["sem_seg_volume/Dice"] == 0.8
     lc = os.path.join(run_dir, "largest_component")
     assert calls == [(os.path.join(run_dir, "config.yaml"),

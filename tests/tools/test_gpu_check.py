@@ -56,7 +56,7 @@ def test_validator_reports_what_would_not_run(tmp_path):
         ("bad_value", "$PY tools/train_net.py --config-file configs/mmt_psm_R50.yaml SOLVER.MAX_ITER abc"),
         ("bad_script", "$PY tools/no_such_tool.py"),
         ("bad_test", "$PY -m pytest -q -m cuda tests/core/test_cuda.py::test_not_there"),
-        ("bad_path", "true && $PY tools/export_teacher.py output/x --config configs/nope.yaml"),
+        ("bad_path", "true && $PY tools/export_teacher.py output/x --config-file configs/nope.yaml"),
         ("bad_prog", "frobnicate --now"),
         ("good", "$PY tools/benchmark.py --config-file configs/mmt_psm_R50.yaml --amp --json SOLVER.MAX_ITER 7"),
     ]
@@ -140,8 +140,8 @@ def test_summary_keeps_the_benchmark_numbers_and_the_amp_speedup(tmp_path):
                        "bench_plus_fp32\tfail\t1\t3\texit 1: boom\tlog3\tcmd3\n")
     out = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_check_steps.py"), "summary", "--results",
-                           str(results), "--out", str(out), "--bench-dir", str(bench)], capture_output=True, text=True,
-                          timeout=60)
+                           str(results), "--output", str(out), "--bench-dir", str(bench)], capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     s = json.loads(out.read_text())
     paper = s["benchmark"]["paper"]

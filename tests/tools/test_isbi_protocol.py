@@ -91,7 +91,7 @@ def _fake_runs(monkeypatch, started):
     monkeypatch.setitem(g, "POLL_S", 0.01)
 
     def fake_run_arm(root, arm, seed, run_dir, config, overrides, args, final, describe):
-        ckpt = os.path.join(args.out, f"supervised_n2_seed{seed}", "model_0000049.pth")
+        ckpt = os.path.join(args.output, f"supervised_n2_seed{seed}", "model_0000049.pth")
         if arm == "supervised_n2":
             time.sleep(0.3)
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
@@ -110,7 +110,7 @@ def test_share_burn_in_starts_teacher_student_arms_from_supervised_n2s_checkpoin
     out = tmp_path / "out"
     # mmt_psm named first and two workers: it must still wait for supervised_n2's checkpoint
     rc = TOOL["main"](["--arms", "mmt_psm", "supervised_n6", "supervised_n2", "--seeds", "1", "--jobs", "2",
-                       "--share-burn-in", "--weights", str(weights), "--out", str(out)])
+                       "--share-burn-in", "--weights", str(weights), "--output", str(out)])
     assert rc == 0
     by_arm = {arm: (ov, had) for arm, _, ov, had in started}
     ckpt = str(out / "supervised_n2_seed1" / "model_0000049.pth")
@@ -128,7 +128,7 @@ def test_without_share_burn_in_every_arm_trains_its_own_burn_in(tmp_path, monkey
     _fake_runs(monkeypatch, started)
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
-    TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--weights", str(weights), "--out", str(tmp_path / "o")])
+    TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--weights", str(weights), "--output", str(tmp_path / "o")])
     assert [(a, "SEMI.BURN_IN_CHECKPOINT" in ov) for a, _, ov, _ in started] == [("mmt_psm", False)]
 
 
@@ -140,7 +140,7 @@ def test_share_burn_in_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(g, "run_arm", lambda root, arm, *a, **k: {"segm/AP": 1.0})
     ended = {1: threading.Event()}
     ended[1].set()
-    args = argparse.Namespace(share_burn_in=True, out=str(tmp_path), opts=[], report_only=False)
+    args = argparse.Namespace(share_burn_in=True, output=str(tmp_path), opts=[], report_only=False)
     with pytest.raises(RuntimeError, match=r"mmt_psm seed 1: .*supervised_n2_seed1/model_0000049.pth was not"):
         TOOL["run_one"]("mmt_psm", 1, "w", args, ended)
     # no periodic checkpoint after iteration BURN_IN_ITERS - 1
@@ -150,7 +150,7 @@ def test_share_burn_in_errors(tmp_path, monkeypatch):
     assert path == "o/supervised_n2_seed2/model_0000099.pth"
     # neither supervised_n2 among the arms nor its checkpoint: refused before anything trains
     with pytest.raises(SystemExit):
-        TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--share-burn-in", "--out", str(tmp_path / "x")])
+        TOOL["main"](["--arms", "mmt_psm", "--seeds", "1", "--share-burn-in", "--output", str(tmp_path / "x")])
     assert started == []
 
 
@@ -168,7 +168,7 @@ def test_base_config_and_one_frame_arm(tmp_path, monkeypatch, capsys):
     weights.write_bytes(b"")
     base = os.path.join(REPO, "configs", "cpu", "pretrained_protocol.yaml")
     rc = TOOL["main"](["--arms", "supervised_n1", "supervised_n6", "--seeds", "1", "--base", base,
-                       "--weights", str(weights), "--out", str(tmp_path / "out")])
+                       "--weights", str(weights), "--output", str(tmp_path / "out")])
     assert rc == 0
     assert sorted(calls) == [("supervised_n1", base, TOOL["SPLIT_N1"]), ("supervised_n6", base, "''")]
     cfg = get_cfg()
@@ -187,7 +187,7 @@ def test_scarce_one_frame_arm_gives_the_teacher_student_arms_its_split_and_burn_
 
     def run_arm(root, arm, seed, run_dir, config, overrides, args, final, describe):  # n1 writes the checkpoint
         if arm == "supervised_n1":
-            ckpt = os.path.join(args.out, "supervised_n1_seed1", "model_0000049.pth")
+            ckpt = os.path.join(args.output, "supervised_n1_seed1", "model_0000049.pth")
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             open(ckpt, "w").close()
         return fake(root, arm, seed, run_dir, config, overrides, args, final, describe)
@@ -197,7 +197,7 @@ def test_scarce_one_frame_arm_gives_the_teacher_student_arms_its_split_and_burn_
     weights.write_bytes(b"")
     out = tmp_path / "out"
     rc = TOOL["main"](["--arms", "mmt_psm", "supervised_n1", "--seeds", "1", "--jobs", "2", "--scarce",
-                       "supervised_n1", "--share-burn-in", "--weights", str(weights), "--out", str(out)])
+                       "supervised_n1", "--share-burn-in", "--weights", str(weights), "--output", str(out)])
     assert rc == 0
     by_arm = {arm: ov for arm, _, ov, _ in started}
     assert by_arm["mmt_psm"]["DATASETS.SPLIT_FILE"] == TOOL["SPLIT_N1"]

@@ -13,7 +13,7 @@ TOOL = runpy.run_path(os.path.join(REPO, "tools", "pseudo_label_quality.py"))
 def test_quality_per_class_and_threshold(trained_mmt_psm, tmp_path):
     out = str(tmp_path / "q.json")
     res = TOOL["main"]([trained_mmt_psm.output_dir, "--gt", "shared_train", "--crops", "2", "--thresholds", "0",
-                        "1.01", "--out", out])
+                        "1.01", "--output", out])
     assert set(res) == {"cytoplasm@0", "cytoplasm@1.01", "nucleus@0", "nucleus@1.01"}
     for c in ("cytoplasm", "nucleus"):
         assert res[f"{c}@1.01"]["pseudo_labels_per_crop"] == 0.0

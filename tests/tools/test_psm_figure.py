@@ -30,7 +30,7 @@ def test_figure_puts_prediction_left_and_ground_truth_right(tmp_path):
     (pred / "metrics.json").write_text(json.dumps({"per_image": [{"stem": "tile0", "AJI": 0.25}]}))
     out = tmp_path / "fig"
     assert tool.main(["--pred", str(pred), "--images", str(images), "--gt", str(gt), "--stems", "tile0",
-                      "--crop", "64", "--out", str(out)]) == 0
+                      "--crop", "64", "--output", str(out)]) == 0
     fig = cv2.imread(str(out / "tile0.png"))
     assert fig.shape == (24 + 64, 64 + 4 + 64, 3)
     left, right = fig[24:, :64], fig[24:, 68:]
@@ -48,6 +48,6 @@ def test_figure_puts_prediction_left_and_ground_truth_right(tmp_path):
     assert tool.centre_crop(a, 20).shape == (10, 10) and tool.centre_crop(a, 4)[0, 0] == a[3, 3]
     with pytest.raises(FileNotFoundError, match="no image with instance labels named nope"):
         tool.main(["--pred", str(pred), "--images", str(images), "--gt", str(gt), "--stems", "nope",
-                   "--out", str(out)])
+                   "--output", str(out)])
     with pytest.raises(ValueError, match="differ"):
         tool.figure(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), np.zeros((9, 8)), 4)
