@@ -28,10 +28,14 @@ quickstart: setup
 	$(PY) tools/quickstart.py
 
 # PSM label-free nuclei segmentation (README "PSM"): the MoNuSeg protocol by default; your own folder of H&E
-# tiles with `make psm PSM_ARGS="--images my_tiles/ --out output/psm_my_tiles"`
-PSM_ARGS ?= --images monuseg_train --train-gt monuseg_train_labels_for_eval --test monuseg_test --out output/psm_monuseg
+# tiles with `make psm PSM_ARGS="--images my_tiles/ --output output/psm_my_tiles"`. MONUSEG_SOURCE: the MoNuSeg
+# folder datasets/prepare_monuseg.py converts (train/ and test/, each images/ + annotations_xml/; datasets/README.md
+# says where to get it); the default is the copy CI finds beside the repository.
+MONUSEG_SOURCE ?= ../shared/data/nuclei/monuseg
+PSM_ARGS ?= --images monuseg_train --train-gt monuseg_train_labels_for_eval --test monuseg_test \
+	--output output/psm_monuseg
 psm: setup
-	test -d datasets/nuclei/monuseg/test || $(PY) datasets/prepare_monuseg.py
+	test -d datasets/nuclei/monuseg/test || $(PY) datasets/prepare_monuseg.py --source $(MONUSEG_SOURCE)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/psm_pipeline.py $(PSM_ARGS)
 
 # GPU check (tools/gpu_check.sh, its header says what to bring): on a GPU machine, at most 8 minutes, one PASS/FAIL

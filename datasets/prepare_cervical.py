@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Convert the overlapping cervical cytology data (ISBI 2015 / ISBI 2014 synthetic) into COCO instance JSON.
 
-Reads the staged layout (default ``../shared/data/cervical``, or ``$MMT_PSM_SHARED_DATA/cervical``) and
-writes a self-contained copy (images copied, never symlinked) under ``--out``:
+Reads ``--source`` (required: the layout datasets/README.md describes, one folder per subset with
+``images/``, ``cyto_masks/`` and ``nuclei/``) and writes a self-contained copy (images copied, never symlinked)
+under ``--output``:
 
     <out>/isbi2015/{train,test,unlabeled}.json, images/frameXXX.png, unlabeled/EDF00X.png
     <out>/isbi2014_synth45/train.json, images/train_XX.png
@@ -13,7 +14,7 @@ the subset directory in sorted order (isbi2015: frames 1-12, EDF000-003 13-16), 
 ``--from-mat`` builds isbi2014_synth45 from the challenge's own ``isbi_train_GT.mat`` instead of the npz
 stacks (the two give identical masks). Running it again rewrites the same files (idempotent).
 
-Usage: python datasets/prepare_cervical.py [--source DIR] [--out DIR] [--from-mat]
+Usage: python datasets/prepare_cervical.py --source DIR [--output DIR] [--from-mat]
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
+from mmt_psm.core.cli import add_output_argument
 from mmt_psm.instance import cervical
 from mmt_psm.instance.coco_io import image_record, write_coco_json
 
@@ -121,15 +123,19 @@ def main(argv: List[str] = None) -> None:
     """Parse arguments and convert both subsets."""
     default_out = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "cervical")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=os.path.join(cervical.shared_data_root(), "cervical"),
-                   help="staged cervical data (default: %(default)s)")
-    p.add_argument("--out", default=default_out, help="output root (default: %(default)s)")
+    p.add_argument("--source", help="folder holding isbi2015/ and isbi2014_synth45/ in the layout of "
+                   "datasets/README.md (required)")
+    add_output_argument(p, "root for isbi2015/{train,test,unlabeled}.json, images/, unlabeled/ and "
+                        "isbi2014_synth45/train.json, images/", default=default_out)
     p.add_argument("--from-mat", action="store_true", help="isbi2014_synth45 from the official .mat file")
     args = p.parse_args(argv)
+    if not args.source:
+        p.error("--source is required: the folder holding isbi2015/ and isbi2014_synth45/ (datasets/README.md, "
+                "'Overlapping cervical cytology', gives the layout and where to get the data)")
     if not os.path.isdir(args.source):
-        sys.exit(f"source directory not found: {args.source} (set --source or MMT_PSM_SHARED_DATA)")
-    prepare_isbi2015(os.path.join(args.source, "isbi2015"), os.path.join(args.out, "isbi2015"))
-    prepare_synth45(os.path.join(args.source, "isbi2014_synth45"), os.path.join(args.out, "isbi2014_synth45"),
+        sys.exit(f"source directory not found: {args.source}")
+    prepare_isbi2015(os.path.join(args.source, "isbi2015"), os.path.join(args.output, "isbi2015"))
+    prepare_synth45(os.path.join(args.source, "isbi2014_synth45"), os.path.join(args.output, "isbi2014_synth45"),
                     args.from_mat)
 
 

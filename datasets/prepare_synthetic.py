@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the embedded synthetic overlapping-cell data set (no download needed).
 
-    python datasets/prepare_synthetic.py [--out DIR] [--num-train 8 --num-test 8 --num-unlabeled 32]
+    python datasets/prepare_synthetic.py [--output DIR] [--num-train 8 --num-test 8 --num-unlabeled 32]
                                          [--size 256 --seed 0] [--force]
 
 DIR defaults to ``$DETECTRON2_DATASETS/synthetic`` (or ``./datasets/synthetic`` when that variable is unset).
@@ -16,10 +16,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-try:
-    from mmt_psm.instance.synthetic import write_synthetic_dataset
-except ImportError:  # run from a source checkout without `pip install -e .`
-    from mmt_psm.instance.synthetic import write_synthetic_dataset
+from mmt_psm.core.cli import add_output_argument
+from mmt_psm.instance.synthetic import write_synthetic_dataset
 
 STAMP_NAME = "synthetic_stamp.json"
 # Bump when the generator changes in a way that changes its output, so stale data sets are rewritten.
@@ -34,7 +32,8 @@ def default_out_dir() -> str:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    parser.add_argument("--out", default=default_out_dir(), help="output directory")
+    add_output_argument(parser, "folder for {train,test,unlabeled,unlabeled_gt}.json, images/ and "
+                        "synthetic_stamp.json", default=default_out_dir())
     parser.add_argument("--num-train", type=int, default=8, help="labeled training images")
     parser.add_argument("--num-test", type=int, default=8, help="labeled test images")
     parser.add_argument("--num-unlabeled", type=int, default=32, help="unlabeled images (no annotations)")
@@ -95,11 +94,11 @@ def prepare_synthetic(
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     written = prepare_synthetic(
-        args.out, args.num_train, args.num_test, args.num_unlabeled, args.size, args.seed, args.force
+        args.output, args.num_train, args.num_test, args.num_unlabeled, args.size, args.seed, args.force
     )
     state = "wrote" if written else "up to date, skipped"
     print(
-        f"synthetic cells ({state}): {args.out} "
+        f"synthetic cells ({state}): {args.output} "
         f"[train {args.num_train}, test {args.num_test}, unlabeled {args.num_unlabeled}, {args.size}px]"
     )
 

@@ -2,8 +2,8 @@
 
 Two sources give the same (cytoplasm, nucleus) stacks and then go through :mod:`mmt_psm.instance.coco_io`:
 
-* the staged layout under ``<shared>/cervical/<subset>/`` (``images/<name>.png``, ``cyto_masks/<name>.npz``
-  with bit-packed overlapping masks, ``nuclei/<name>_nuclei.png`` binary);
+* the staged layout under ``<source>/<subset>/`` (``images/<name>.png``, ``cyto_masks/<name>.npz``
+  with bit-packed overlapping masks, ``nuclei/<name>_nuclei.png`` binary; datasets/README.md);
 * the official ISBI 2014 ground-truth file ``isbi_train_GT.mat`` (``train_Cytoplasm``/``train_Nuclei``).
 
 Nucleus instances are the 8-connected components of the binary nucleus mask (``NUCLEUS_CONNECTIVITY``).
@@ -30,15 +30,6 @@ NUCLEUS_ID = 2
 NUCLEUS_CONNECTIVITY = 8
 
 Masks = Tuple[np.ndarray, np.ndarray]  # (cytoplasm (N,H,W) bool, nuclei (M,H,W) bool)
-
-
-def shared_data_root() -> str:
-    """Root of the staged real data: ``$MMT_PSM_SHARED_DATA`` or ``<repo root>/../shared/data``."""
-    env = os.environ.get("MMT_PSM_SHARED_DATA")
-    if env:
-        return env
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.normpath(os.path.join(repo_root, "..", "shared", "data"))
 
 
 def load_cyto_npz(path: str) -> np.ndarray:

@@ -18,7 +18,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 CELL_CLASSES = ["cytoplasm", "nucleus"]
-PREPARE_CERVICAL = "python datasets/prepare_cervical.py"
+# the commands a missing file's error names (datasets/README.md says where to get the cervical data)
+PREPARE_CERVICAL = "python datasets/prepare_cervical.py --source PATH/TO/cervical"
 PREPARE_SYNTHETIC = "python datasets/prepare_synthetic.py"
 
 
@@ -77,7 +78,7 @@ def register_all_cervical(root: Optional[str] = None) -> List[str]:
     ``<DETECTRON2_DATASETS>/cervical``); returns the names."""
     root = root if root is not None else os.path.join(datasets_base(), "cervical")
     isbi15 = os.path.join(root, "isbi2015")
-    prepare = f"{PREPARE_CERVICAL} --out {root}"
+    prepare = f"{PREPARE_CERVICAL} --output {root} (datasets/README.md: where to get the data)"
     names = []
     for split in ("train", "test", "unlabeled"):
         name = f"isbi2015_{split}"
@@ -97,11 +98,11 @@ def register_all_synthetic(root: Optional[str] = None) -> List[str]:
     for split in ("train", "test", "unlabeled"):
         name = f"synthetic_{split}"
         register_cell_coco(name, os.path.join(root, f"{split}.json"), os.path.join(root, "images"),
-                           f"{PREPARE_SYNTHETIC} --out {root}", strip_annotations=split == "unlabeled")
+                           f"{PREPARE_SYNTHETIC} --output {root}", strip_annotations=split == "unlabeled")
         names.append(name)
     # the unlabeled images' labels, held back for the pseudo-label monitor (DATASETS.UNLABELED_GT) only
     register_cell_coco("synthetic_unlabeled_gt", os.path.join(root, "unlabeled_gt.json"), os.path.join(root, "images"),
-                       f"{PREPARE_SYNTHETIC} --out {root}")
+                       f"{PREPARE_SYNTHETIC} --output {root}")
     return names + ["synthetic_unlabeled_gt"]
 
 

@@ -24,7 +24,8 @@ from mmt_psm.nuclei.tile_io import read_index
 
 __all__ = ["register_monuseg", "register_psm_labels", "register_all_psm", "load_psm_index", "monuseg_root"]
 
-PREPARE = "python datasets/prepare_monuseg.py --source ../shared/data/nuclei/monuseg"
+# the command a missing file's error names (datasets/README.md says where to get MoNuSeg)
+PREPARE = "python datasets/prepare_monuseg.py --source PATH/TO/monuseg"
 PSM_CLASSES = ["background", "nucleus"]
 
 
@@ -47,14 +48,14 @@ def _load_monuseg(root: str, split: str, with_labels: bool) -> List[Dict[str, An
     files = sorted(glob.glob(os.path.join(img_dir, "*.png")))
     if not files:
         raise FileNotFoundError(f"no MoNuSeg {split} images in {img_dir}. Prepare them with: {PREPARE} "
-                                f"--out {root}")
+                                f"--output {root} (datasets/README.md: where to get the data)")
     dicts = []
     for i, f in enumerate(files):
         d = {"file_name": f, "image_id": i}  # the mapper reads the size from the image
         if with_labels:
             lab = os.path.join(root, split, "labels", os.path.basename(f))
             if not os.path.isfile(lab):
-                raise FileNotFoundError(f"MoNuSeg label {lab} missing. Prepare with: {PREPARE} --out {root}")
+                raise FileNotFoundError(f"MoNuSeg label {lab} missing. Prepare with: {PREPARE} --output {root}")
             d["instance_file_name"] = lab
         dicts.append(d)
     return dicts

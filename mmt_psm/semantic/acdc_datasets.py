@@ -23,13 +23,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from mmt_psm.semantic.acdc import ACDC_CLASSES, IGNORE_VALUE, read_patient_split
 
-PREPARE_ACDC = "python datasets/prepare_acdc.py --source ../shared/data/cardiac/acdc_slices"
+# the command a missing file's error names (datasets/README.md says where to get the ACDC slices)
+PREPARE_ACDC = "python datasets/prepare_acdc.py --source PATH/TO/ACDC_training_slices"
 ROLES = {"labeled": ("labeled_patients", "label"), "scribble": ("weak_patients", "scribble"),
          "unlabeled": ("weak_patients", None)}
 
 
 def _missing(path: str, root: str) -> FileNotFoundError:
-    return FileNotFoundError(f"ACDC file not found: {path}. Prepare the data set with: {PREPARE_ACDC} --out {root}")
+    """The error for a missing file of the prepared folder ``root`` (what prepare_acdc.py's --output names)."""
+    return FileNotFoundError(f"ACDC file not found: {path}. Prepare the data set with: {PREPARE_ACDC} --output "
+                             f"{root} (datasets/README.md: where to get the slices)")
 
 
 def load_acdc_slices(root: str, patients: Optional[List[str]], annotation: Optional[str]) -> List[Dict[str, Any]]:
@@ -37,7 +40,7 @@ def load_acdc_slices(root: str, patients: Optional[List[str]], annotation: Optio
     None (unlabeled). Slices with an empty scribble map are kept (they still get the unsupervised terms)."""
     index_file = os.path.join(root, "index.json")
     if not os.path.isfile(index_file):
-        raise _missing(index_file, os.path.dirname(root))
+        raise _missing(index_file, root)
     with open(index_file) as f:
         index = json.load(f)
     wanted = None if patients is None else set(patients)
@@ -53,7 +56,7 @@ def load_acdc_slices(root: str, patients: Optional[List[str]], annotation: Optio
             d["spacing"] = rec["spacing"]
         for key in ("file_name", "sem_seg_file_name"):
             if key in d and not os.path.isfile(d[key]):
-                raise _missing(d[key], os.path.dirname(root))
+                raise _missing(d[key], root)
         dicts.append(d)
     if wanted is not None:
         absent = sorted(wanted - {d["patient"] for d in dicts})
@@ -75,7 +78,7 @@ def _register(name: str, loader, **meta: Any) -> None:
 
 def _split_patients(root: str, split_file: str, key: str) -> List[str]:
     if not os.path.isfile(split_file):
-        raise _missing(split_file, os.path.dirname(root))
+        raise _missing(split_file, root)
     return list(read_patient_split(split_file)[key])
 
 
@@ -109,7 +112,7 @@ def register_all_acdc(root: Optional[str] = None, prefix: str = "acdc") -> List[
     def train_patients() -> List[str]:
         split = read_patient_split(ref) if os.path.isfile(ref) else None
         if split is None:
-            raise _missing(ref, os.path.dirname(root))
+            raise _missing(ref, root)
         return split["labeled_patients"] + split["weak_patients"]
 
     _register(f"{prefix}_test", lambda: load_acdc_slices(root, _split_patients(root, ref, "test_patients"), "label"))

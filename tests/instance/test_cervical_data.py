@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+from common import REPO, SHARED_DATA
 
 from mmt_psm.instance import cervical
 
-CERVICAL = os.path.join(cervical.shared_data_root(), "cervical")
-from common import REPO  # noqa: E402
+CERVICAL = os.path.join(SHARED_DATA, "cervical")
 
 needs_data = pytest.mark.skipif(
     not os.path.isdir(CERVICAL),
@@ -72,7 +72,7 @@ def prepared(tmp_path_factory):
     spec.loader.exec_module(prepare_cervical)
 
     out = str(tmp_path_factory.mktemp("d2") / "cervical")
-    prepare_cervical.main(["--source", CERVICAL, "--out", out])
+    prepare_cervical.main(["--source", CERVICAL, "--output", out])
     return out, prepare_cervical
 
 
