@@ -9,7 +9,7 @@ Routes, in order:
                  ``layers/csrc``), patched and built as a pure-Python wheel named ``detectron2``.
 
 Route 3 applies the small compatibility patches listed in ``PATCHES`` (each tested in
-tests/test_install_detectron2.py) and writes the wheel to ``--wheel-dir`` (default ``build/wheels``), where the
+tests/tools/test_install_detectron2.py) and writes the wheel to ``--wheel-dir`` (default ``build/wheels``), where the
 GPU device machine can pick it up. Ops that need the compiled extension (deformable conv, rotated boxes,
 RoIAlignRotated, the fast COCOeval) raise a RuntimeError naming the op and how to get a compiled build.
 
@@ -150,7 +150,7 @@ def _pure_setup(src_root: str) -> None:
             os.remove(os.path.join(src_root, stale))
 
 
-# name -> (why, patch). Each is small; tests/test_install_detectron2.py checks every one on the built package.
+# name -> (why, patch). Each is small; tests/tools/test_install_detectron2.py checks every one on the built package.
 PATCHES: Dict[str, Tuple[str, Callable[[str], None]]] = {
     "pillow10-linear": (
         "PIL.Image.LINEAR was removed in Pillow 10; BILINEAR is the same filter",

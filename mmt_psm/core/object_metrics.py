@@ -5,7 +5,7 @@ array or a sequence of N (H, W) boolean arrays; instances may overlap (amodal cy
 data), so no label map is ever formed. Pairwise intersections are one sparse matrix product over foreground
 pixels only: 60 objects on 1024x1024 take about 0.25 s on one CPU core.
 
-Conventions (documented here once, tested in ``tests/test_cell_metrics.py``):
+Conventions (documented here once, tested in ``tests/core/test_cell_metrics.py``):
 
 * Empty cases: a score whose denominator is zero is 1.0 when there is no GT AND no prediction (nothing to
   find, nothing found) and 0.0 otherwise. So AJI/F1/Dice/IoU of (no GT, no pred) = 1.0; (no GT, some pred)

@@ -1,5 +1,5 @@
 """ImageNet MobileNetV2 1.0x backbones for Detectron2: a Mask R-CNN FPN (``p2``-``p6``) and a U-Net encoder
-(strides 1-16, for ``UNetHead`` of mmt_psm/modeling/semantic/unet.py).
+(strides 1-16, for ``UNetHead`` of mmt_psm/networks/unet.py).
 
 Why: the project otherwise trains from scratch. MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and
 Linear Bottlenecks", CVPR 2018) gives label-efficient fine-tuning an ImageNet start at a CPU-sized cost (1.8 M
@@ -19,7 +19,7 @@ Detectron2's ``MODEL.BACKBONE.FREEZE_AT`` as its ResNet does: 0 freezes nothing,
 next k - 1 stages (1: features 0-1, 2: 0-3, 3: 0-6, 4: 0-13, 5: 0-17); frozen layers get ``requires_grad=False``
 and their BatchNorms become ``FrozenBatchNorm2d``. The U-Net's from-scratch ``res1`` block is never frozen.
 
-Like mmt_psm/modeling/semantic/unet.py, this file imports nothing from ``mmt_psm``: loading it alone (``importlib``
+Like mmt_psm/networks/unet.py, this file imports nothing from ``mmt_psm``: loading it alone (``importlib``
 by path) registers both builders, which is all an exported model needs in Detectron2's ``DefaultPredictor``.
 """
 from __future__ import annotations
@@ -210,7 +210,7 @@ class MobileNetV2(Backbone):
 
 
 class MobileNetV2UNetEncoder(Backbone):
-    """U-Net encoder with the outputs of the project's ``UNetEncoder`` (mmt_psm/modeling/semantic/unet.py):
+    """U-Net encoder with the outputs of the project's ``UNetEncoder`` (mmt_psm/networks/unet.py):
     ``res1`` at stride 1 (conv3x3-norm-ReLU6 twice on the input, trained from scratch; BN when ``norm`` is FrozenBN,
     which cannot learn) and MobileNetV2's ``res2``..``res5`` at strides 2, 4, 8, 16 (16, 24, 32, 96 channels, after
     features[1], [3], [6], [13]). A 1-channel input (grey MRI) goes to ``res1`` as it is and is replicated to 3

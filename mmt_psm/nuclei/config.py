@@ -46,7 +46,7 @@ def add_nuclei_config(cfg: CN) -> None:
     cfg.PSM.PSEUDO_MASK.MIN_CONTRAST = 0.1
     cfg.PSM.PSEUDO_MASK.KMEANS_SAMPLE = 100000  # pixels used to fit k-means (all are assigned)
     # "kmeans" (the paper: the keys above) or "haematoxylin" (not in the paper: Otsu's threshold of the blurred
-    # colour-deconvolved haematoxylin density + ACT_WEIGHT x activation; modeling/psm/haematoxylin.py)
+    # colour-deconvolved haematoxylin density + ACT_WEIGHT x activation; mmt_psm/nuclei/haematoxylin.py)
     cfg.PSM.PSEUDO_MASK.METHOD = "kmeans"
     cfg.PSM.PSEUDO_MASK.H_SIGMA = 2.0  # px, Gaussian blur of the scaled haematoxylin density
     cfg.PSM.PSEUDO_MASK.ACT_WEIGHT = 0.15  # weight of the self-activation map added before the threshold

@@ -1,7 +1,7 @@
 """MoNuSeg 2018 from its official XML polygons: instance label maps (uint16 PNG) and COCO instance JSON.
 
 Why from the XML: the polygons are the official annotation; the staged ``labels/<id>_label.png`` maps are only a
-cross-check (``tests/test_psm_data.py``). Polygons are filled in file order with OpenCV (later regions win where
+cross-check (``tests/nuclei/test_psm_data.py``). Polygons are filled in file order with OpenCV (later regions win where
 two overlap, as in the usual MoNuSeg rasterisation). Importable without Detectron2.
 
 Output of :func:`convert_monuseg` under ``out``::

@@ -163,7 +163,7 @@ def test_flipped_teacher_views_of_a_padded_batch_map_back_exactly(flipped_batch_
     orig = model._box_logits
     monkeypatch.setattr(model, "_box_logits", lambda m, f, b: record_box_logits(m, f, b))
     # every view's sampled proposals through _box_logits (view 0 would otherwise reuse its detection pass's
-    # logits; tests/test_view_ensemble.py shows both give the same logits)
+    # logits; tests/instance/test_view_ensemble.py shows both give the same logits)
     detect = model._teacher_detections
     n_views = len(batch[0]["teacher_views"])
     monkeypatch.setattr(model, "_teacher_detections", lambda *a, **k: (detect(*a, **k)[0], [None] * n_views))

@@ -324,7 +324,7 @@ def test_example_configs_build_mobilenet_models():
 
 
 def test_teacher_student_model_gets_the_weights_in_both_halves(tmp_path):
-    """The project's checkpointer (mmt_psm/engine/checkpoint.py) fills student and teacher from the checkpoint."""
+    """The project's checkpointer (mmt_psm/core/checkpoint.py) fills student and teacher from the checkpoint."""
     from semantic_common import tiny_semantic_cfg
 
     from mmt_psm.core.checkpoint import AtomicCheckpointer
