@@ -25,7 +25,8 @@ and student box-head dropout; they differ only in what the protocol compares:
   unsupervised losses weighted 0), ``mmt_psm_no_mgd`` / ``mmt_psm_no_psm`` (the paper's method without one of
   its two unsupervised losses), ``mmt_psm_fuse_distill`` (plus WITH the feature loss: the plus config until
   2026-11-24, then called ``mmt_psm_plus``), ``mmt_psm_plus_mgd02`` (plus with the feature loss at weight 0.2),
-  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus`` (plus without the cap, above).
+  ``mmt_psm_plus_thr05`` (plus with pseudo-labels >= 0.5), ``mmt_psm_plus`` (plus without the cap, above),
+  ``mmt_psm_plus_w1`` (plus with ``SEMI.UNSUP_WEIGHT 1`` instead of 5).
 
 With ``--share-burn-in`` the teacher-student arms do not train their own burn-in: they start at iteration
 ``SEMI.BURN_IN_ITERS`` from supervised_n2's checkpoint after iteration ``BURN_IN_ITERS - 1`` of the same seed
@@ -98,6 +99,9 @@ ARMS: Dict[str, Dict[str, str]] = {
     # plus with mask distillation on a random 16 of each image's positives (~32 with a trained teacher): half
     # the teacher's mask-head inputs, its largest plus-only cost
     "mmt_psm_plus_cap16": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS_CONFIG},
+    # the plus config with the unsupervised weight at 1 instead of the paper's 5: on the pretrained 1-frame protocol
+    # the weighted mask distillation is ~6x the supervised mask loss at the ramp's peak
+    "mmt_psm_plus_w1": {"DATASETS.SPLIT_FILE": SPLIT, **UNLABELED, **PLUS_CONFIG, "SEMI.UNSUP_WEIGHT": "1.0"},
 }
 POLL_S = 10.0  # how often a teacher-student run waiting for the shared burn-in looks for it
 DEFAULT_ARMS = ["supervised_n2", "mean_teacher", "mmt_psm", "mmt_psm_plus_cap16", "supervised_n6"]
