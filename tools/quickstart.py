@@ -2,7 +2,7 @@
 """`make quickstart`: the main job end to end on the embedded synthetic data, on CPU, in minutes.
 
 1. generates the synthetic overlapping-cell data set (8 labeled, 32 unlabeled, 8 test images of 256 x 256);
-2. trains a supervised Mask R-CNN (R18-FPN, GN) on the 8 labeled images;
+2. trains a supervised Mask R-CNN (ImageNet MobileNetV2-FPN, written by ``make setup``) on the 8 labeled images;
 3. trains MMT-PSM on labeled + unlabeled images with the same labeled stream and schedule: its supervised
    burn-in (the first half) IS the supervised run's first half (``SEMI.BURN_IN_CHECKPOINT``: the supervised
    run's checkpoint there), then teacher-student training beside the supervised run's second half;
@@ -25,7 +25,8 @@ from mmt_psm.core.threads import GIVE_BACK_SIGNAL, THREAD_SIGNAL, usable_cpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SUP_CONFIG, MMT_CONFIG = "configs/quickstart/supervised.yaml", "configs/quickstart/mmt_psm.yaml"
+SUP_CONFIG = "configs/quickstart/supervised_mobilenet_v2.yaml"
+MMT_CONFIG = "configs/quickstart/mmt_psm_mobilenet_v2.yaml"
 
 
 def load_cfg(config_file: str):
