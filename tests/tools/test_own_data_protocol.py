@@ -12,6 +12,7 @@ from user_data import write_user_dataset
 
 import mmt_psm.core.protocol as protocol
 from mmt_psm.config import add_mmt_psm_config
+from mmt_psm.core.splits import make_split
 
 TOOL = runpy.run_path(os.path.join(REPO, "tools", "own_data_protocol.py"))
 BACKBONE_KEYS = {"MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.BACKBONE.NAME",
@@ -107,6 +108,9 @@ def test_runs_build_each_seeds_subset_train_every_arm_resume_and_summarize(tmp_p
     for seed in (1, 2):
         labeled = json.load(open(out / "data" / f"seed{seed}" / "labeled.json"))
         assert len(labeled["images"]) == 2 and len(os.listdir(out / "data" / f"seed{seed}" / "unlabeled")) == 3
+        # the seed's draw (tools/make_splits.py's rule) over the pool's image ids 1000-1004
+        drawn = make_split("x", range(1000, 1005), seed, 2)["labeled_ids"]
+        assert sorted(im["id"] for im in labeled["images"]) == drawn
     md = (out / "results.md").read_text()
     assert "| supervised | 2 | 11.5 +- 0.5 | 12.5 +- 0.5 | 13.5 +- 0.5 |" in md
     assert "| mmt_psm (teacher) | 2 | 13.5 +- 0.5 |" in md and "| mmt_psm_plus (student) | 2 | 13.5 +- 0.5 |" in md
