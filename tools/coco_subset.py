@@ -2,15 +2,15 @@
 """Split a COCO instance file into a labeled subset (JSON) and a folder of the other images (unlabeled).
 
     python tools/coco_subset.py --json my_cells/all.json --image-root my_cells/images \\
-        --count 3 --seed 1 --out-json my_cells/train_n3_seed1.json --unlabeled-dir my_cells/unlabeled_seed1
+        --count 3 --seed 1 --output my_cells/train_n3_seed1.json --unlabeled-dir my_cells/unlabeled_seed1
     python tools/coco_subset.py --json my_cells/all.json --image-root my_cells/images \\
-        --names a.png b.png --out-json my_cells/train_ab.json
+        --names a.png b.png --output my_cells/train_ab.json
 
 Writes exactly the layout of the README's "Your own data (no Python)" section:
 
-* ``--out-json``: a COCO instance file with only the chosen images, their annotations and ALL categories of the
+* ``--output``: a COCO instance file with only the chosen images, their annotations and ALL categories of the
   input (so ``MODEL.ROI_HEADS.NUM_CLASSES`` does not change); other top-level keys (info, licenses) are kept.
-  ``file_name`` stays relative to ``--image-root``: register it as ``"name:OUT_JSON:IMAGE_ROOT"``.
+  ``file_name`` stays relative to ``--image-root``: register it as ``"name:OUTPUT:IMAGE_ROOT"``.
 * ``--unlabeled-dir`` (optional): one symlink per other image (a copy where links are not possible), flat, named
   by the image's base name (by its whole ``file_name`` with ``/`` -> ``__`` when base names collide): register
   it as ``"name:UNLABELED_DIR"``. Re-running with the same choice is a no-op; a folder holding anything else is
@@ -19,11 +19,12 @@ Writes exactly the layout of the README's "Your own data (no Python)" section:
 The choice: ``--names`` (``file_name``s or base names) or ``--count N --seed S``, which draws
 ``random.Random(S).sample(sorted image ids, N)``, the rule of ``tools/make_splits.py`` (same ids for the same
 seed and count), so it is the same on every machine. Any category ids, any number of classes. Standard library
-only (no torch / Detectron2 import).
+only (mmt_psm/core/cli.py is loaded by its path: no torch / Detectron2 import).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -152,6 +153,15 @@ def make_subset(json_file: str, image_root: str, out_json: str, names: Optional[
             "categories": len(data.get("categories", [])), "annotations": len(anns), "unlabeled_dir": how}
 
 
+def _cli():
+    """mmt_psm/core/cli.py by its path (standard library only; importing ``mmt_psm`` would load torch)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mmt_psm", "core", "cli.py")
+    spec = importlib.util.spec_from_file_location("mmt_psm_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse arguments, write the subset, print what was written."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,17 +172,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     choice.add_argument("--names", nargs="+", help="labeled images: file_names or base names")
     choice.add_argument("--count", type=int, help="labeled images: this many, drawn with --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the --count draw (default 0)")
-    p.add_argument("--out-json", required=True, help="labeled COCO file to write (the chosen images only)")
+    _cli().add_output_argument(p, "the labeled COCO file to write (the chosen images, their annotations, every "
+                               "category)", required=True, metavar="FILE")
     p.add_argument("--unlabeled-dir", default=None,
                    help="also write this folder of symlinks (fallback: copies) to the other images")
     args = p.parse_args(argv)
     root = args.image_root if args.image_root is not None else os.path.dirname(os.path.abspath(args.json))
     try:
-        res = make_subset(args.json, root, args.out_json, args.names, args.count, args.seed, args.unlabeled_dir)
+        res = make_subset(args.json, root, args.output, args.names, args.count, args.seed, args.unlabeled_dir)
     except SubsetError as e:
         p.error(str(e))
-    print(f"wrote {args.out_json}: {len(res['labeled'])} labeled images, {res['annotations']} annotations, "
-          f"{res['categories']} categories (register \"name:{args.out_json}:{root}\")")
+    print(f"wrote {args.output}: {len(res['labeled'])} labeled images, {res['annotations']} annotations, "
+          f"{res['categories']} categories (register \"name:{args.output}:{root}\")")
     print("labeled:", ", ".join(res["labeled"]))
     if args.unlabeled_dir:
         print(f"wrote {args.unlabeled_dir}: {len(res['unlabeled'])} unlabeled images as {res['unlabeled_dir']} "

@@ -4,11 +4,11 @@
     python tools/own_data_protocol.py \\
         --images-json data/train/instances_train.json --image-root data/train/images \\
         --test-json data/test/instances_test.json --test-root data/test/images \\
-        --labeled-count 3 --seeds 1 2 3 --jobs 2 --threads 1 --out output/own_data_protocol [KEY VALUE ...]
+        --labeled-count 3 --seeds 1 2 3 --jobs 2 --threads 1 --output output/own_data_protocol [KEY VALUE ...]
 
 Per seed S, ``tools/coco_subset.py``'s :func:`make_subset` draws ``--labeled-count`` images of ``--images-json``
-(``random.Random(S)``, the rule of ``tools/make_splits.py``) into ``<out>/data/seed<S>/labeled.json`` and links
-the others into the folder ``<out>/data/seed<S>/unlabeled/``. Every arm then runs exactly the README's
+(``random.Random(S)``, the rule of ``tools/make_splits.py``) into ``<output>/data/seed<S>/labeled.json`` and
+links the others into the folder ``<output>/data/seed<S>/unlabeled/``. Every arm then runs exactly the README's
 "Your own data (no Python)" command, ``tools/train_net.py --config-file <arm config> DATASETS.REGISTER
 '("own_labeled_seedS:labeled.json:IMAGE_ROOT", "own_test:TEST_JSON:TEST_ROOT", "own_unlabeled_seedS:FOLDER")'
 DATASETS.TRAIN DATASETS.TEST DATASETS.TRAIN_UNLABELED DATASETS.SPLIT_FILE '""' MODEL.ROI_HEADS.NUM_CLASSES n``
@@ -26,14 +26,16 @@ random 256 px crops at native scale, whole tiles at test (1000 px); anchors 8-12
 on the MoNuSeg train JSON: p5 object size 12.6 px); ``TEST.DETECTIONS_PER_IMAGE 1000`` (up to 818 nuclei in a
 test tile) with 2000 test proposals; 2 labeled (+ 2 unlabeled) crops per step, 128 sampled RoIs per image
 (the R50 configs' 512 makes the mask head, on up to 128 positives a crop, the cost of a CPU step);
-300 iterations, LR 0.01 with a 20-iteration warm-up and a drop at 255, supervised burn-in 75 (a quarter, as
-configs/cpu/protocol.yaml), EMA from 65 with decay 0.95, ramps of 40; a checkpoint every 50 iterations.
+the schedule of configs/cpu/protocol.yaml: 200 iterations, LR 0.01 (10-iteration warm-up, x0.1 at 170),
+supervised burn-in 50, EMA from 40 with decay 0.95, ramps of 25; a checkpoint every 50 iterations.
 
 A finished run (its metrics.json holds the evaluation at the LAST iteration) is not redone; an interrupted one
-resumes from its last checkpoint. Writes <out>/results.json and <out>/results.md: segm AP, cell AJI and F1
+resumes from its last checkpoint. Writes <output>/results.json and <output>/results.md: segm AP, cell AJI and F1
 (``cell/AJI`` = mean per-image AJI) mean +- std over seeds, of the teacher and the student of the
 teacher-student arms, and per-seed paired differences to ``supervised`` (same seed = same labeled images).
-``--dry-run`` prints every command and writes nothing.
+``--dry-run`` prints every command and writes nothing. Trailing ``KEY VALUE`` overrides and Detectron2's launch
+flags (``--num-gpus`` ...) go to every training run; progress lines give runs done / total, the time elapsed and
+an estimate of the time left, and each run's log (``<output>/<arm>_seed<S>/stdout.txt``) as it starts.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 import mmt_psm.core.protocol as protocol
+from mmt_psm.core.cli import add_launch_arguments, add_output_argument, launch_argv
 from mmt_psm.core.protocol import final_metrics, run_arm, run_jobs, write_results
 from mmt_psm.core.protocol import markdown as protocol_markdown
 from mmt_psm.core.protocol import summarize as protocol_summarize
@@ -73,10 +76,11 @@ PROTOCOL: Dict[str, str] = {
     "MODEL.RPN.PRE_NMS_TOPK_TEST": "2000", "MODEL.RPN.POST_NMS_TOPK_TEST": "2000",
     "SOLVER.IMS_PER_BATCH": "2", "SEMI.IMS_PER_BATCH_LABELED": "2",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "128", "MODEL.MMT_PSM.PROPOSAL_BATCH_SIZE": "128",
-    "SOLVER.BASE_LR": "0.01", "SOLVER.WARMUP_ITERS": "20", "SOLVER.MAX_ITER": "300", "SOLVER.STEPS": "(255,)",
+    # the schedule of configs/cpu/protocol.yaml
+    "SOLVER.BASE_LR": "0.01", "SOLVER.WARMUP_ITERS": "10", "SOLVER.MAX_ITER": "200", "SOLVER.STEPS": "(170,)",
     "SOLVER.CHECKPOINT_PERIOD": "50",
-    "SEMI.BURN_IN_ITERS": "75", "SEMI.EMA_START_ITER": "65", "SEMI.EMA_DECAY": "0.95",
-    "SEMI.RAMP_UP_ITERS": "40", "SEMI.RAMP_DOWN_ITERS": "40", "SEMI.VIS_PERIOD": "0",
+    "SEMI.BURN_IN_ITERS": "50", "SEMI.EMA_START_ITER": "40", "SEMI.EMA_DECAY": "0.95",
+    "SEMI.RAMP_UP_ITERS": "25", "SEMI.RAMP_DOWN_ITERS": "25", "SEMI.VIS_PERIOD": "0",
     "DATALOADER.NUM_WORKERS": "0",
 }
 METRICS = ["segm/AP", "cell/AJI", "cell/F1"]
@@ -90,7 +94,7 @@ def data_paths(out: str, seed: int) -> Dict[str, str]:
 
 def prepare_seed(args: argparse.Namespace, seed: int) -> Dict:
     """Write seed ``seed``'s labeled JSON and unlabeled folder (idempotent); returns make_subset's summary."""
-    paths = data_paths(args.out, seed)
+    paths = data_paths(args.output, seed)
     return coco_subset.make_subset(args.images_json, args.image_root, paths["labeled_json"], count=args.labeled_count,
                        seed=seed, unlabeled_dir=paths["unlabeled_dir"])
 
@@ -98,7 +102,7 @@ def prepare_seed(args: argparse.Namespace, seed: int) -> Dict:
 def dataset_overrides(arm: str, seed: int, args: argparse.Namespace, num_classes: int) -> Dict[str, str]:
     """The README command's data keys for ``arm`` / ``seed`` (absolute paths; the supervised arm registers and
     trains on no unlabeled folder)."""
-    paths = data_paths(args.out, seed)
+    paths = data_paths(args.output, seed)
     labeled, test, unlabeled = f"own_labeled_seed{seed}", "own_test", f"own_unlabeled_seed{seed}"
     entries = [f"{labeled}:{paths['labeled_json']}:{os.path.abspath(args.image_root)}",
                f"{test}:{os.path.abspath(args.test_json)}:{os.path.abspath(args.test_root)}"]
@@ -124,7 +128,8 @@ def overrides(arm: str, seed: int, args: argparse.Namespace, num_classes: int) -
 
 def command(arm: str, seed: int, args: argparse.Namespace, num_classes: int) -> List[str]:
     """The full command line run_arm runs for ``arm`` / ``seed`` (for --dry-run and the log)."""
-    opts = ["OUTPUT_DIR", run_dir(args, arm, seed), "SEED", str(seed), "DATALOADER.STREAM_SEED", str(seed)]
+    opts = [*launch_argv(args, args.jobs), "OUTPUT_DIR", run_dir(args, arm, seed), "SEED", str(seed),
+            "DATALOADER.STREAM_SEED", str(seed)]
     for k, v in {**dataset_overrides(arm, seed, args, num_classes), **PROTOCOL}.items():
         opts += [k, v]
     return [*protocol.TRAIN_COMMAND, "--config-file", os.path.join(ROOT, ARMS[arm]), "--resume", *opts, *args.opts]
@@ -132,7 +137,7 @@ def command(arm: str, seed: int, args: argparse.Namespace, num_classes: int) -> 
 
 def run_dir(args: argparse.Namespace, arm: str, seed: int) -> str:
     """``<out>/<arm>_seed<seed>``."""
-    return os.path.join(os.path.abspath(args.out), f"{arm}_seed{seed}")
+    return os.path.join(os.path.abspath(args.output), f"{arm}_seed{seed}")
 
 
 def final_results(run_dir: str) -> Optional[Dict[str, float]]:
@@ -207,14 +212,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--labeled-count", type=int, default=3, help="labeled images per seed (default 3)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--out", default=os.path.join(ROOT, "output", "own_data_protocol"))
+    add_output_argument(p, "folder of every run (<arm>_seed<S>/: train_net's OUTPUT_DIR with checkpoints, "
+                        "metrics.json and the run's log stdout.txt), of each seed's data (data/seed<S>/labeled.json "
+                        "and unlabeled/) and the tables results.json and results.md",
+                        default=os.path.join(ROOT, "output", "own_data_protocol"))
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
     p.add_argument("--dry-run", action="store_true", help="print every command, write nothing")
+    add_launch_arguments(p, "every training run")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE overrides for every run (last)")
     args = p.parse_args(argv)
-    paths = (args.images_json, args.image_root, args.test_json, args.test_root, args.out)
+    paths = (args.images_json, args.image_root, args.test_json, args.test_root, args.output)
     bad = [x for x in paths if ":" in os.path.abspath(x)]
     if bad:
         p.error(f"DATASETS.REGISTER paths may not contain ':': {', '.join(bad)}")
@@ -253,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     results, failures = run_jobs(jobs, one, args.jobs)
     table, diffs = summarize(results), paired(results)
-    write_results(args.out, args.seeds, table, results, failures, markdown(table, diffs, args.seeds),
+    write_results(args.output, args.seeds, table, results, failures, markdown(table, diffs, args.seeds),
                   extra={"paired": diffs, "protocol": PROTOCOL})
     return 1 if failures else 0
 

@@ -114,12 +114,12 @@ def test_cli_writes_the_layout_and_reports_errors_and_help(tmp_path, capsys):
     js, root = _coco(str(tmp_path))
     os.replace(js, os.path.join(root, "all.json"))  # the JSON beside its images: --image-root's default
     js, out, unl = os.path.join(root, "all.json"), str(tmp_path / "l.json"), str(tmp_path / "unl")
-    assert TOOL["main"](["--json", js, "--count", "2", "--seed", "3", "--out-json", out, "--unlabeled-dir", unl]) == 0
+    assert TOOL["main"](["--json", js, "--count", "2", "--seed", "3", "--output", out, "--unlabeled-dir", unl]) == 0
     printed = capsys.readouterr().out
     assert f'register "name:{out}:{root}"' in printed
     assert len(os.listdir(unl)) == 4 and f'register "name:{unl}"' in printed
     with pytest.raises(SystemExit) as e:
-        TOOL["main"](["--json", js, "--image-root", root, "--count", "9", "--out-json", out])
+        TOOL["main"](["--json", js, "--image-root", root, "--count", "9", "--output", out])
     assert e.value.code == 2 and f"cannot choose 9 of the 6 images of {js}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         TOOL["main"](["--help"])

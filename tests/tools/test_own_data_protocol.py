@@ -51,7 +51,7 @@ def _data(tmp_path):
 
 def test_data_keys_of_each_arm_are_the_readme_commands(tmp_path):
     argv, paths = _data(tmp_path)
-    args = TOOL["parse_args"]([*argv, "--out", str(tmp_path / "out"), "--dry-run"])
+    args = TOOL["parse_args"]([*argv, "--output", str(tmp_path / "out"), "--dry-run"])
     d = str(tmp_path / "out" / "data" / "seed2")
     train = f"own_labeled_seed2:{d}/labeled.json:{paths['image_root']}"
     test = f"own_test:{paths['test']}:{paths['image_root']}"
@@ -92,8 +92,8 @@ def test_runs_build_each_seeds_subset_train_every_arm_resume_and_summarize(tmp_p
 
     monkeypatch.setattr(protocol, "train", fake_train)
     monkeypatch.setitem(TOOL["main"].__globals__, "WEIGHTS", str(tmp_path / "w.pth"))
-    run = [*argv, "--labeled-count", "2", "--seeds", "1", "2", "--out", str(out), "--threads", "3",
-           "SOLVER.MAX_ITER", "4"]
+    run = [*argv, "--labeled-count", "2", "--seeds", "1", "2", "--output", str(out), "--threads", "3",
+           "--num-gpus", "2", "SOLVER.MAX_ITER", "4"]
     with pytest.raises(SystemExit):
         TOOL["main"](run)
     assert f"{tmp_path / 'w.pth'} is missing: python tools/prepare_pretrained.py" in capsys.readouterr().err
@@ -104,7 +104,7 @@ def test_runs_build_each_seeds_subset_train_every_arm_resume_and_summarize(tmp_p
     for (arm, seed), (config, opts, _) in zip([(a, s) for s in (1, 2) for a in TOOL["ARMS"]], calls):
         cmd = TOOL["command"](arm, seed, args, 1)  # --dry-run's line is exactly what ran
         assert config == cmd[cmd.index("--config-file") + 1] and opts == cmd[cmd.index("--resume") + 1:]
-        assert opts[-2:] == ["SOLVER.MAX_ITER", "4"]  # the user's options last
+        assert opts[:2] == ["--num-gpus", "2"] and opts[-2:] == ["SOLVER.MAX_ITER", "4"]  # the user's options last
     for seed in (1, 2):
         labeled = json.load(open(out / "data" / f"seed{seed}" / "labeled.json"))
         assert len(labeled["images"]) == 2 and len(os.listdir(out / "data" / f"seed{seed}" / "unlabeled")) == 3
@@ -117,7 +117,7 @@ def test_runs_build_each_seeds_subset_train_every_arm_resume_and_summarize(tmp_p
     assert "| mmt_psm (teacher) - supervised | 2 | +2.0 +- 0.0 (s1 +2.0, s2 +2.0) |" in md
     res = json.load(open(out / "results.json"))
     assert res["paired"]["mmt_psm_plus (student) - supervised"]["segm/AP"]["per_seed"] == {"1": 2.0, "2": 2.0}
-    assert res["protocol"]["SOLVER.MAX_ITER"] == "300"
+    assert res["protocol"]["SOLVER.MAX_ITER"] == "200"
     # resumable: a second call trains nothing, reuses the subsets
     assert TOOL["main"](run) == 0 and len(calls) == 6
     assert "[skip] mmt_psm seed 2" in capsys.readouterr().out
@@ -126,13 +126,13 @@ def test_runs_build_each_seeds_subset_train_every_arm_resume_and_summarize(tmp_p
 def test_dry_run_writes_nothing_and_bad_inputs_are_parser_errors(tmp_path, capsys):
     argv, paths = _data(tmp_path)
     out = tmp_path / "out"
-    assert TOOL["main"]([*argv, "--seeds", "4", "--arms", "mmt_psm", "--out", str(out), "--dry-run"]) == 0
+    assert TOOL["main"]([*argv, "--seeds", "4", "--arms", "mmt_psm", "--output", str(out), "--dry-run"]) == 0
     line = capsys.readouterr().out.strip()
     assert "DATASETS.TRAIN_UNLABELED '(\"own_unlabeled_seed4\",)'" in line and not out.exists()
     for bad, msg in ((["--images-json", str(tmp_path / "none.json")], f"COCO file {tmp_path / 'none.json'} does"),
-                     (["--out", str(tmp_path / "a:b")], "paths may not contain ':'")):
+                     (["--output", str(tmp_path / "a:b")], "paths may not contain ':'")):
         with pytest.raises(SystemExit):
             TOOL["main"]([*argv, *bad])
         assert msg in capsys.readouterr().err
-    rc = TOOL["main"]([*argv, "--labeled-count", "9", "--out", str(out)])
+    rc = TOOL["main"]([*argv, "--labeled-count", "9", "--output", str(out)])
     assert rc == 2 and f"cannot choose 9 of the 5 images of {paths['train']}" in capsys.readouterr().err
