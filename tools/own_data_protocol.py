@@ -95,8 +95,8 @@ def data_paths(out: str, seed: int) -> Dict[str, str]:
 def prepare_seed(args: argparse.Namespace, seed: int) -> Dict:
     """Write seed ``seed``'s labeled JSON and unlabeled folder (idempotent); returns make_subset's summary."""
     paths = data_paths(args.output, seed)
-    return coco_subset.make_subset(args.images_json, args.image_root, paths["labeled_json"], count=args.labeled_count,
-                       seed=seed, unlabeled_dir=paths["unlabeled_dir"])
+    return coco_subset.make_subset(args.images_json, args.image_root, paths["labeled_json"],
+                                   count=args.labeled_count, seed=seed, unlabeled_dir=paths["unlabeled_dir"])
 
 
 def dataset_overrides(arm: str, seed: int, args: argparse.Namespace, num_classes: int) -> Dict[str, str]:
@@ -136,7 +136,7 @@ def command(arm: str, seed: int, args: argparse.Namespace, num_classes: int) -> 
 
 
 def run_dir(args: argparse.Namespace, arm: str, seed: int) -> str:
-    """``<out>/<arm>_seed<seed>``."""
+    """``<output>/<arm>_seed<seed>``."""
     return os.path.join(os.path.abspath(args.output), f"{arm}_seed{seed}")
 
 
