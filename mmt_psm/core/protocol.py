@@ -208,9 +208,11 @@ def markdown(table: Mapping[str, Mapping[str, List[float]]], metrics: Sequence[s
     return head + "\n".join(rows) + f"\n\n{footer}\n"
 
 
-def write_results(out: str, seeds: Sequence[int], table: Dict, results: Dict, failures: List[str], text: str) -> None:
-    """``<out>/results.json`` (seeds, table, runs, failures) and ``<out>/results.md``; prints the markdown."""
+def write_results(out: str, seeds: Sequence[int], table: Dict, results: Dict, failures: List[str], text: str,
+                  extra: Optional[Mapping] = None) -> None:
+    """``<out>/results.json`` (seeds, table, runs, failures, then the ``extra`` keys) and ``<out>/results.md``;
+    prints the markdown."""
     write_json(os.path.join(out, "results.json"),
-               {"seeds": list(seeds), "table": table, "runs": results, "failures": failures})
+               {"seeds": list(seeds), "table": table, "runs": results, "failures": failures, **(extra or {})})
     write_text(os.path.join(out, "results.md"), text)
     print(text)

@@ -35,7 +35,7 @@ NO_OUTPUT_FLAG = {
 # tools whose files are written by subcommands: the subcommands' help names --output
 SUBCOMMANDS = {"gpu_check_steps.py": ["ddp", "summary"]}
 # tools that train through mmt_psm.train_net: Detectron2's launch flags, passed on
-TRAINING_TOOLS = ["isbi_protocol.py", "acdc_protocol.py", "psm_pipeline.py"]
+TRAINING_TOOLS = ["isbi_protocol.py", "acdc_protocol.py", "psm_pipeline.py", "own_data_protocol.py"]
 
 
 def _help(path: str, argv=("--help",), capsys=None, monkeypatch=None) -> str:
