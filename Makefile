@@ -27,7 +27,7 @@ lint: setup
 quickstart: setup
 	$(PY) tools/quickstart.py
 
-# PSM label-free nuclei segmentation (README "PSM"): the MoNuSeg protocol by default; your own folder of H&E
+# PSM label-free nuclei segmentation (docs/nuclei.md): the MoNuSeg protocol by default; your own folder of H&E
 # tiles with `make psm PSM_ARGS="--images my_tiles/ --output output/psm_my_tiles"`. MONUSEG_SOURCE: the MoNuSeg
 # folder datasets/prepare_monuseg.py converts (train/ and test/, each images/ + annotations_xml/; datasets/README.md
 # says where to get it); the default is the copy CI finds beside the repository.
