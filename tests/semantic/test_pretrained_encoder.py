@@ -28,6 +28,7 @@ import mmt_psm.semantic  # noqa: F401  (registers the meta-architectures)
 from mmt_psm.config import load_config
 from mmt_psm.core.checkpoint import AtomicCheckpointer
 from mmt_psm.networks.mobilenet import MobileNetV2UNetEncoder
+from mmt_psm.networks.unet import channels_last_on_cpu
 from mmt_psm.semantic.common import segment, segment_split
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "acdc", "*.yaml")))
@@ -218,3 +219,30 @@ def test_mean_teacher_with_the_encoder_exports_to_a_plain_segmentor(weights, tmp
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["mmt_psm"] is False
     np.testing.assert_allclose(np.array(got["logits"]), expected.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["build_unet_backbone", ENCODER])
+def test_unet_parameters_are_channels_last_on_the_cpu(backbone):
+    """On the CPU both U-Net encoders and the UNetHead hold NHWC parameters (faster oneDNN kernels: see
+    channels_last_on_cpu), with the logits and losses of the default layout up to float rounding; elsewhere the
+    layout is left alone."""
+    cfg = load_config(os.path.join(REPO, "configs", "acdc", "mixed_supervision.yaml"),
+                      ["MODEL.BACKBONE.NAME", backbone, "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the 3x3 kernels are NHWC, not NCHW
+    nchw = copy.deepcopy(model)
+    for p in nchw.parameters():
+        p.data = p.data.contiguous()
+    batch = _batch(2, 2, True)
+    with EventStorage(cfg.SEMI.RAMP_UP_ITERS):
+        got, ref = model.train()(batch), nchw.train()(batch)
+    assert all(got[k].item() == pytest.approx(ref[k].item(), rel=1e-4, abs=1e-6) for k in ref)
+    with torch.no_grad():
+        a, b = (m.eval()([{"image": batch[0]["image"], "height": SIZE, "width": SIZE}])[0]["sem_seg"]
+                for m in (model, nchw))
+    assert torch.allclose(a, b, atol=1e-4)
+    head = copy.deepcopy(nchw.student.sem_seg_head)
+    assert channels_last_on_cpu(head, "cuda") is head and all(p.is_contiguous() for p in head.parameters())
