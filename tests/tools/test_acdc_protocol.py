@@ -2,6 +2,7 @@
 import json
 import os
 import runpy
+import sys
 
 import pytest
 from common import (
@@ -77,3 +78,53 @@ def test_largest_component_rescoring_evaluates_the_final_model_with_the_switch(t
                       ["--eval-only", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth"), "OUTPUT_DIR", lc,
                        "TEST.VOLUME_LARGEST_COMPONENT", "True"], lc)]
     assert fn("mixed", 2, args)["sem_seg_volume/Dice"] == 0.8 and len(calls) == 1  # done once
+
+
+STUB_TRAIN_NET = r"""
+import json, os, sys
+argv = sys.argv[1:]
+out = argv[argv.index("OUTPUT_DIR") + 1]
+with open(os.path.join(out, "argv.json"), "w") as f:
+    json.dump(argv, f)
+with open(os.path.join(out, "config.yaml"), "w") as f:
+    f.write("SOLVER:\n  MAX_ITER: 1\n")
+with open(os.path.join(out, "metrics.json"), "w") as f:
+    metrics = {"sem_seg_volume/" + m: 0.5 for m in json.loads(os.environ["ACDC_METRICS"])}
+    f.write(json.dumps({"iteration": 0, **metrics}) + "\n")
+"""
+MOBILENET_OPTS = ["MODEL.BACKBONE.NAME", "build_mobilenet_v2_unet_backbone",
+                  "MODEL.WEIGHTS", "pretrained/mobilenet_v2_imagenet.pth", "INPUT.FIXED_SIZE", "(256, 256)"]
+
+
+def test_mobilenet_overrides_build_every_arm(tmp_path, monkeypatch):
+    """The pretrained encoder by trailing overrides (no dry run: train_net is a stub that records its command
+    line): every arm's command, parsed by train_net's own parser and loaded by load_config as train_net does,
+    names the encoder, its weights and 256 px slices, fine-tunes every layer (FREEZE_AT 0), and builds."""
+    from detectron2.modeling import build_model
+
+    from mmt_psm.config import load_config
+    from mmt_psm.core import protocol
+    from mmt_psm.networks.mobilenet import MobileNetV2UNetEncoder
+    from mmt_psm.train_net import argument_parser
+
+    (tmp_path / "train_net.py").write_text(STUB_TRAIN_NET)
+    monkeypatch.setattr(protocol, "TRAIN_COMMAND", [sys.executable, str(tmp_path / "train_net.py")])
+    monkeypatch.setenv("ACDC_METRICS", json.dumps(TOOL["METRICS"]))
+    arms = {"supervised_p3": "SemanticSegmentor", "mixed": "MixedSupervisionSegmentor",
+            "mean_teacher": "LCCMeanTeacherSegmentor", "lcc": "LCCMeanTeacherSegmentor"}
+    out = tmp_path / "out"
+    assert TOOL["main"](["--arms", *arms, "--seeds", "1", "--output", str(out), *MOBILENET_OPTS]) == 0
+    for arm, meta in arms.items():
+        with open(out / f"{arm}_seed1" / "argv.json") as f:
+            args = argument_parser().parse_args(json.load(f))
+        cfg = load_config(args.config_file, args.opts)
+        assert (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME, cfg.MODEL.WEIGHTS) == (
+            meta, "build_mobilenet_v2_unet_backbone", "pretrained/mobilenet_v2_imagenet.pth")
+        assert tuple(cfg.INPUT.FIXED_SIZE) == (256, 256) and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+        assert cfg.DATASETS.TRAIN == ("acdc_p3_seed1_labeled",) and cfg.SEED == 1 and args.resume
+        assert meta != "LCCMeanTeacherSegmentor" or cfg.MODEL.LCC.SEPARATION == (arm == "lcc")
+        model = build_model(cfg)
+        backbones = [model.backbone] if meta == "SemanticSegmentor" else [model.student.backbone,
+                                                                         model.teacher.backbone]
+        assert all(isinstance(b, MobileNetV2UNetEncoder) and b.body.in_channels == 1 for b in backbones)
+        assert all(p.requires_grad for p in backbones[0].parameters())

@@ -28,6 +28,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 from detectron2.config import CfgNode
+from torch import nn
 
 from mmt_psm.core.atomic import save_torch, write_image, write_json
 from mmt_psm.nuclei.haematoxylin import haematoxylin_mask
@@ -43,7 +44,7 @@ from mmt_psm.nuclei.pipeline.label_files import (
 )
 from mmt_psm.nuclei.pseudo_masks import pseudo_mask
 from mmt_psm.nuclei.self_activation import self_activation_map
-from mmt_psm.nuclei.self_supervised import SelfSupervisedNet, train_self_supervised
+from mmt_psm.nuclei.self_supervised import build_self_supervised_net, train_self_supervised
 from mmt_psm.nuclei.tile_io import read_he_image
 from mmt_psm.nuclei.voronoi import detect_points, voronoi_labels
 
@@ -51,17 +52,21 @@ __all__ = ["run_self_supervised", "run_activation", "run_pseudo_masks", "run_vor
            "run_refined_masks"]
 
 def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log = print_progress,
-) -> SelfSupervisedNet:
-    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network on the images, on
-    ``cfg.MODEL.DEVICE`` (resolved by ``load_config``: the CPU where CUDA is missing); the network returned is on
-    that device (stage 2 computes its activation maps there)."""
+) -> nn.Module:
+    """Stage 1: train (or load ``folder/self_sup.pth``) the rot180-consistency network ``PSM.SELF_SUP.ENCODER``
+    names on the images, on ``cfg.MODEL.DEVICE`` (resolved by ``load_config``: the CPU where CUDA is missing); the
+    network returned is on that device (stage 2 computes its activation maps there)."""
     refuse_gt_folder(folder)
     s = cfg.PSM.SELF_SUP
     device = torch.device(cfg.MODEL.DEVICE)
     path = os.path.join(folder, "self_sup.pth")
     if os.path.isfile(path):
-        net = SelfSupervisedNet(tuple(s.CHANNELS))
-        net.load_state_dict(torch.load(path, map_location="cpu"))
+        net = build_self_supervised_net(cfg, pretrained=False)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu"))
+        except RuntimeError as e:
+            raise ValueError(f"{path} holds another stage-1 network than PSM.SELF_SUP.ENCODER {s.ENCODER!r} "
+                             "builds: set the ENCODER it was trained with, or remove it and activation/") from e
         log(f"[psm stage 1] loaded {path}")
         return net.to(device).eval()
     os.makedirs(folder, exist_ok=True)
@@ -69,7 +74,7 @@ def run_self_supervised(images: List[Dict], folder: str, cfg: CfgNode, log: Log 
     start = time.perf_counter()
     net = train_self_supervised(pixels, s.ITERS, s.CROP, s.BATCH, s.LR, tuple(s.CHANNELS), seed=cfg.SEED % 2**31,
                                 progress=lambda i, v: log(f"[psm stage 1] iter {i}/{s.ITERS} L1 {v:.4f}"),
-                                device=device)
+                                device=device, build=lambda: build_self_supervised_net(cfg))
     save_torch(path, net.state_dict())
     log(f"[psm stage 1] trained in {time.perf_counter() - start:.0f} s -> {path}")
     return net
