@@ -16,9 +16,10 @@ nothing else of this package (as Detectron2's projects)::
     unet = importlib.util.module_from_spec(spec); spec.loader.exec_module(unet)
     cfg = get_cfg(); unet.add_unet_config(cfg); cfg.merge_from_file("config_student.yaml")
 
-A MobileNetV2 backbone (``build_mobilenet_v2_*``) takes ``MODEL.MOBILENET`` along: load
-mmt_psm/networks/mobilenet.py the same way and call its ``add_mobilenet_config(cfg)`` before the merge (with
-unet.py for its ``UNetHead``).
+A MobileNetV2 backbone (``build_mobilenet_v2_*``) needs mmt_psm/networks/mobilenet.py imported (its registration);
+with ``MODEL.MOBILENET`` left at its defaults (every shipped config) the exported config merges into a plain
+``get_cfg()``; with other values it takes the node along: call the module's ``add_mobilenet_config(cfg)`` before
+the merge (and unet.py for the U-Net encoder's ``UNetHead``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ STUDENT_ARCHITECTURE_NODE = {"MMTPSMRCNN": "MMT_PSM", "LCCMeanTeacherSegmentor":
                              "MixedSupervisionSegmentor": "MIXED_SUP"}
 
 
+def _non_default_mobilenet(cfg: CfgNode) -> bool:
+    """Whether ``cfg.MODEL.MOBILENET`` differs from its defaults. Only then does the exported config carry the node
+    (and need ``add_mobilenet_config`` in the loading process): with the defaults, Detectron2's plain ``get_cfg()``
+    and ``demo/demo.py`` merge it, and the backbone builders fall back to the same defaults."""
+    if not hasattr(cfg.MODEL, "MOBILENET"):
+        return False
+    defaults = CfgNode({"MODEL": CfgNode()})
+    add_mobilenet_config(defaults)
+    return dict(cfg.MODEL.MOBILENET) != dict(defaults.MODEL.MOBILENET)
+
+
 def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
     """Detectron2's default config updated with every key of ``cfg`` that Detectron2 itself knows (plus
     ``MODEL.UNET`` for the U-Net and ``MODEL.MOBILENET`` for the MobileNetV2 backbones, whose loaders call
@@ -58,8 +70,8 @@ def plain_config(cfg: CfgNode, weights: str) -> CfgNode:
 
     if cfg.MODEL.BACKBONE.NAME == "build_unet_backbone":  # the U-Net's own keys travel with the config
         add_unet_config(plain)
-    if cfg.MODEL.BACKBONE.NAME.startswith("build_mobilenet_v2_"):  # e.g. UNET_STEM_CHANNELS shapes the encoder
-        add_mobilenet_config(plain)
+    if cfg.MODEL.BACKBONE.NAME.startswith("build_mobilenet_v2_") and _non_default_mobilenet(cfg):
+        add_mobilenet_config(plain)  # e.g. UNET_STEM_CHANNELS shapes the encoder; defaults need no node
     copy_known(plain, cfg)
     node = STUDENT_ARCHITECTURE_NODE.get(cfg.MODEL.META_ARCHITECTURE)
     if node is not None:
