@@ -8,7 +8,9 @@ r"""Draw a trained model's predictions as PNGs.
     python tools/visualize.py --config-file configs/supervised_R50.yaml --input 'scans/*.tif' --output vis/ \
         --weights out/model_final.pth MODEL.DEVICE cuda
 
-Weights: ``--weights``, else ``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``. For teacher-student
+Weights: ``--weights``, else ``MODEL.WEIGHTS`` given as a trailing override, else ``OUTPUT_DIR/model_final.pth``
+when it exists (the run's trained model: a run's config.yaml names its start as ``MODEL.WEIGHTS``), else the
+config's ``MODEL.WEIGHTS``. For teacher-student
 checkpoints (``MMTPSMRCNN``) ``--which`` picks the teacher (default: ``SEMI.EVAL_WITH``) or the student; plain
 ``GeneralizedRCNN`` checkpoints (supervised runs) work with their own config. Trailing ``KEY VALUE`` pairs
 override the config. The drawing lives in :mod:`mmt_psm.instance.visualize`.
@@ -54,10 +56,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resolve_weights(flag: str, weights_on_command_line: bool, config_weights: str, output_dir: str) -> str:
+    """The checkpoint to draw: ``--weights``; else ``MODEL.WEIGHTS`` given on the command line; else the run's
+    ``OUTPUT_DIR/model_final.pth`` when it exists (a run's config.yaml names its START, e.g. ImageNet weights, as
+    ``MODEL.WEIGHTS``: drawing that would show an untrained model); else the config's ``MODEL.WEIGHTS``."""
+    final = os.path.join(output_dir, "model_final.pth")
+    if flag:
+        return flag
+    if weights_on_command_line or not os.path.isfile(final):
+        return config_weights or final
+    return final
+
+
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """Frozen config from ``--config-file`` + overrides, with ``MODEL.WEIGHTS`` resolved as documented."""
     cfg = load_config(args.config_file, args.opts)
-    weights = args.weights or cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    weights = resolve_weights(args.weights, "MODEL.WEIGHTS" in args.opts[::2], cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
     if not os.path.isfile(weights):
         raise SystemExit(f"checkpoint not found: {weights} (pass --weights or MODEL.WEIGHTS)")
     cfg.MODEL.WEIGHTS = weights

@@ -172,3 +172,20 @@ def test_cli_dataset_with_teacher_student_checkpoint(synth, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint not found"):
         cli.main(["--config-file", os.path.join(QUICK, "mmt_psm.yaml"), "--dataset", synth,
                   "--output", str(tmp_path / "vis2"), "OUTPUT_DIR", str(tmp_path / "nowhere")])
+
+
+def test_weights_prefer_the_runs_final_model_over_the_configs_start(tmp_path):
+    """A run's config.yaml names its start (e.g. ImageNet weights) as MODEL.WEIGHTS: without --weights or a
+    MODEL.WEIGHTS override the tool draws OUTPUT_DIR/model_final.pth when it exists."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("visualize_tool", os.path.join(REPO, "tools", "visualize.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    start, final = str(tmp_path / "imagenet.pth"), tmp_path / "model_final.pth"
+    assert tool.resolve_weights("", False, start, str(tmp_path)) == start  # no trained model yet
+    final.write_bytes(b"")
+    assert tool.resolve_weights("", False, start, str(tmp_path)) == str(final)
+    assert tool.resolve_weights("", True, start, str(tmp_path)) == start  # MODEL.WEIGHTS on the command line
+    assert tool.resolve_weights("x.pth", False, start, str(tmp_path)) == "x.pth"
+    assert tool.resolve_weights("", False, "", str(tmp_path / "none")) == str(tmp_path / "none" / "model_final.pth")
