@@ -26,6 +26,7 @@ NOT_ARGPARSE: dict = {}
 NO_OUTPUT_FLAG = {
     "benchmark.py": "prints its table (--json: the JSON object on stdout); writes nothing",
     "compare_checkpoints.py": "prints a JSON summary on stdout; writes nothing",
+    "gpu_check_validate.py": "checks the GPU check plan and prints INVALID lines; writes nothing",
     "dataset_stats.py": "prints the statistics; --json FILE also saves the printed numbers",
     "loss_gradients.py": "prints a table; --json FILE also saves every batch's numbers",
     "install_detectron2.py": "installs into the Python; runs before mmt_psm can be imported (standard library "
