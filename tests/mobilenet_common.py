@@ -41,3 +41,18 @@ def write_checkpoint(path) -> Dict[str, torch.Tensor]:
 def unet_unused(keys) -> Set[str]:
     """Checkpoint keys the U-Net encoder does not build: the stride-32 stage (features 14-17)."""
     return {k for k in keys if int(k.split(".")[1]) >= 14}
+
+# a plain process that loads only mobilenet.py + unet.py by path and runs DefaultPredictor on an exported model
+PREDICT = r"""
+import importlib.util, json, sys
+import numpy as np
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
+mobilenet, _ = load("mobilenet", sys.argv[1]), load("unet", sys.argv[2])
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultPredictor
+cfg = get_cfg(); mobilenet.add_mobilenet_config(cfg); cfg.merge_from_file(sys.argv[3])
+logits = DefaultPredictor(cfg)(np.load(sys.argv[4]))["sem_seg"]
+print(json.dumps({"mmt_psm": any(m.startswith("mmt_psm") for m in sys.modules), "logits": logits.tolist()}))
+"""

@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
-from mobilenet_common import IMAGENET_MEAN, IMAGENET_STD, REAL, needs_real, random_imagenet_state
+from mobilenet_common import IMAGENET_MEAN, IMAGENET_STD, PREDICT, REAL, needs_real, random_imagenet_state
 from mobilenet_common import unet_unused as _unet_unused
 from mobilenet_common import write_checkpoint as _write_checkpoint
 from torch import nn
@@ -238,19 +238,6 @@ def test_unet_segmentor_overfits_one_image():
     assert losses[-1] < 0.1 * losses[0], losses  # measured: 1.45 -> 0.019
 
 
-PREDICT = r"""
-import importlib.util, json, sys
-import numpy as np
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
-mobilenet, _ = load("mobilenet", sys.argv[1]), load("unet", sys.argv[2])
-from detectron2.config import get_cfg
-from detectron2.engine import DefaultPredictor
-cfg = get_cfg(); mobilenet.add_mobilenet_config(cfg); cfg.merge_from_file(sys.argv[3])
-logits = DefaultPredictor(cfg)(np.load(sys.argv[4]))["sem_seg"]
-print(json.dumps({"mmt_psm": any(m.startswith("mmt_psm") for m in sys.modules), "logits": logits.tolist()}))
-"""
 
 
 def test_exported_unet_segmentor_predicts_the_same_in_plain_default_predictor(tmp_path):

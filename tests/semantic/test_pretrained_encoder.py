@@ -20,7 +20,7 @@ from common import REPO
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
-from mobilenet_common import ENCODER, REAL, needs_real, unet_unused, write_checkpoint
+from mobilenet_common import ENCODER, PREDICT, REAL, needs_real, unet_unused, write_checkpoint
 from semantic_common import heart_slice
 from torch import nn
 
@@ -174,19 +174,6 @@ def test_bn_stats_labeled_with_the_pretrained_encoder(weights):
     assert all(math.isfinite(v.item()) for v in losses.values()) and losses["loss_separation"].item() > 0
 
 
-PREDICT = r"""
-import importlib.util, json, sys
-import numpy as np
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
-mobilenet, _ = load("mobilenet", sys.argv[1]), load("unet", sys.argv[2])
-from detectron2.config import get_cfg
-from detectron2.engine import DefaultPredictor
-cfg = get_cfg(); mobilenet.add_mobilenet_config(cfg); cfg.merge_from_file(sys.argv[3])
-logits = DefaultPredictor(cfg)(np.load(sys.argv[4]))["sem_seg"]
-print(json.dumps({"mmt_psm": any(m.startswith("mmt_psm") for m in sys.modules), "logits": logits.tolist()}))
-"""
 
 
 def test_mean_teacher_with_the_encoder_exports_to_a_plain_segmentor(weights, tmp_path):
