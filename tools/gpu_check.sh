@@ -5,7 +5,7 @@
 #
 # For the project's first GPU machine (one NVIDIA GPU, no internet, torch preinstalled). Bring along the Detectron2
 # wheel of `python tools/install_detectron2.py` (build/wheels/detectron2-*.whl) and the wheels of
-# ../shared/device-wheels (or GPU_CHECK_WHEELS=DIR); the `setup` check installs them into output/gpu_check/site.
+# your folder of wheels (GPU_CHECK_WHEELS=DIR); the `setup` check installs them into output/gpu_check/site.
 # `bash tools/gpu_check.sh --prepare-carry` (on this side) copies the wheels, the ACDC slices and two MoNuSeg tiles
 # into build/device-wheels and build/shared-data (git-ignored, ~40 MiB): carry build/wheels, build/device-wheels and
 # build/shared-data to the GPU machine and run `make gpu-check` there.
@@ -22,7 +22,8 @@
 #                                     `false`, the rest `true`): tests the bookkeeping and summary
 #   GPU_CHECK_DEVICE=cuda  GPU_CHECK_TRAIN_OPTS="KEY VALUE ..."   (device; extra overrides of every Mask R-CNN training
 #                                     and benchmark run, e.g. a smaller model for a CPU smoke run of the script)
-#   GPU_CHECK_OUT=output/gpu_check  PYTHON=python3  GPU_CHECK_DATA=../shared/data
+#   GPU_CHECK_OUT=output/gpu_check  PYTHON=python3  GPU_CHECK_DATA=DIR (the real annotated data; default
+#                                     shared/data or build/shared-data inside the repository)
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
@@ -37,10 +38,10 @@ export PY=${PYTHON:-python3}
 export OUT=${GPU_CHECK_OUT:-output/gpu_check}
 export DEV=${GPU_CHECK_DEVICE:-cuda}
 export TRAIN_OPTS=${GPU_CHECK_TRAIN_OPTS:-}
-export WHEELS=${GPU_CHECK_WHEELS:-$(first_dir shared/device-wheels ../shared/device-wheels build/device-wheels)}
-export SHARED_DATA=${GPU_CHECK_DATA:-$(first_dir shared/data ../shared/data build/shared-data)}
+export WHEELS=${GPU_CHECK_WHEELS:-$(first_dir shared/device-wheels build/device-wheels)}
+export SHARED_DATA=${GPU_CHECK_DATA:-$(first_dir shared/data build/shared-data)}
 
-if [ "${1:-}" = "--prepare-carry" ]; then  # on the machine with ../shared: what the GPU machine needs, git-ignored
+if [ "${1:-}" = "--prepare-carry" ]; then  # with GPU_CHECK_WHEELS / GPU_CHECK_DATA set: what the GPU machine needs, git-ignored
   set -e
   mkdir -p build/device-wheels build/shared-data/cardiac build/shared-data/nuclei/monuseg/train/images
   cp "$WHEELS"/*.whl build/device-wheels/

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from common import REPO
+from common import REPO, SHARED_DATA
 
 SCRIPT = os.path.join(REPO, "tools", "gpu_check.sh")
 SEQ_FIRST = ["setup", "data_synthetic", "cuda_ema_amp", "cuda_mmt_psm_fp16", "cuda_semantic_amp", "cuda_psm_stage1",
@@ -35,7 +35,7 @@ def _lines(proc):
 
 
 def test_dry_run_lists_every_check_and_validates_every_command(tmp_path):
-    proc = _run(tmp_path, "--dry-run")
+    proc = _run(tmp_path, "--dry-run", GPU_CHECK_DATA=SHARED_DATA)  # the real data: its paths are validated
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     listed = [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("CHECK ")]
     assert listed == CHECKS
