@@ -13,7 +13,8 @@ lcc_no_separation (low-confidence consistency alone), lcc_proj (separation on a 
 slices only, ``MODEL.LCC.BN_STATS labeled``) run when named in --arms. A finished run (its
 metrics.json holds the final evaluation) is not redone; an interrupted one continues from its last checkpoint
 (``--resume``). Writes <output>/results.json and <output>/results.md (per structure Dice and HD95, mean +- std
-over seeds, of the reported model and, for teacher-student arms, of the other one). lcc_no_separation_bn and
+over seeds, of the reported model and, for teacher-student arms, of the other one; with ``TEST.EVAL_PERIOD`` below
+the schedule, each run's mean Dice at every evaluation, to see whether the final figure is where the run peaks). lcc_no_separation_bn and
 mean_teacher_bn_w1 (consistency weight 1) add the BatchNorm switch to lcc_no_separation and mean_teacher;
 lcc_plus_bn_all divides lcc_plus_bn's two terms by every pixel instead of the kept ones (``MODEL.LCC.LOSS_NORM``).
 
@@ -30,10 +31,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from mmt_psm.core.cli import add_launch_arguments, add_output_argument, launch_argv
-from mmt_psm.core.protocol import final_metrics, run_arm, run_jobs, train, write_results
+from mmt_psm.core.protocol import evaluation_trajectory, final_metrics, run_arm, run_jobs, train, write_results
 from mmt_psm.core.protocol import markdown as protocol_markdown
 from mmt_psm.core.protocol import summarize as protocol_summarize
 
@@ -124,6 +125,17 @@ def markdown(table: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
                              f"seeds: {seeds}; reported model first, the other model in brackets.")
 
 
+def trajectories(output: str, jobs: List[Tuple[str, int]]) -> str:
+    """Markdown lines: each run's reported mean 3D Dice at every evaluation (``TEST.EVAL_PERIOD``), so a table's
+    final figure can be checked against where the schedule peaks; empty when no run evaluated before its end."""
+    lines = []
+    for arm, seed in jobs:
+        points = evaluation_trajectory(os.path.join(output, f"{arm}_seed{seed}"), f"{TASK}/Dice")
+        if len(points) > 1:
+            lines.append(f"- {arm} seed {seed}: " + ", ".join(f"it {it} {v:.3f}" for it, v in points))
+    return "\nMean 3D Dice at each evaluation (reported model):\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run (or collect) every arm x seed and write the tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -150,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results, failures = run_jobs(jobs, lambda a, s: one(a, s, args), args.jobs)
     table = summarize(results)
     out = os.path.join(args.output, "largest_component") if args.largest_component else args.output
-    write_results(out, args.seeds, table, results, failures, markdown(table, args.seeds))
+    text = markdown(table, args.seeds) + ("" if args.largest_component else trajectories(args.output, jobs))
+    write_results(out, args.seeds, table, results, failures, text)
     return 1 if failures else 0
 
 

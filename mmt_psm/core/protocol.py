@@ -25,7 +25,8 @@ import numpy as np
 from mmt_psm.core.atomic import write_json, write_text
 from mmt_psm.core.cli import launch_argv
 
-__all__ = ["final_metrics", "train", "run_arm", "run_jobs", "Progress", "summarize", "markdown", "write_results"]
+__all__ = ["final_metrics", "evaluation_trajectory", "train", "run_arm", "run_jobs", "Progress", "summarize",
+           "markdown", "write_results"]
 
 Metrics = Dict[str, float]
 
@@ -34,13 +35,10 @@ def final_metrics(run_dir: str, is_evaluation: Callable[[Dict], bool]) -> Option
     """The ``task/metric`` values of every evaluation record (``is_evaluation(record)``) at the run's LAST
     iteration (``SOLVER.MAX_ITER - 1`` of its config.yaml), merged, from ``metrics.json``; None while the run has
     not finished: an intermediate evaluation does not count, a torn last line is skipped."""
-    path, config = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
-    if not (os.path.isfile(path) and os.path.isfile(config)):
+    path, max_iter = os.path.join(run_dir, "metrics.json"), _max_iter(run_dir)
+    if not (os.path.isfile(path) and max_iter):
         return None
-    import yaml
-
-    with open(config) as f:
-        last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"]) - 1
+    last_iter = max_iter - 1
     found: Metrics = {}
     with open(path) as f:
         for line in f:
@@ -51,6 +49,39 @@ def final_metrics(run_dir: str, is_evaluation: Callable[[Dict], bool]) -> Option
             if rec.get("iteration", -1) >= last_iter and is_evaluation(rec):
                 found.update({k: v for k, v in rec.items() if "/" in k})
     return found or None
+
+
+def evaluation_trajectory(run_dir: str, key: str) -> List[Tuple[int, float]]:
+    """``[(iteration + 1, value)]`` of ``key`` at every evaluation in ``run_dir/metrics.json``, in iteration order
+    (a resumed run's repeated record: the last one written; a torn line skipped; no file: ``[]``). Shows whether a
+    run's final figure is where its schedule peaks or an accident of where it stops (``TEST.EVAL_PERIOD``)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    found: Dict[int, float] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if key in rec and "iteration" in rec:
+                found[int(rec["iteration"])] = float(rec[key])
+    # iterations trained: EvalHook records a period's evaluation at iteration k - 1, the final test at MAX_ITER or
+    # MAX_ITER - 1; capped at the run's MAX_ITER (config.yaml) where it is known
+    cap = _max_iter(run_dir)
+    return sorted((min(it + 1, cap) if cap else it + 1, v) for it, v in found.items())
+
+
+def _max_iter(run_dir: str) -> Optional[int]:
+    """``SOLVER.MAX_ITER`` of ``run_dir/config.yaml``; None without one."""
+    config = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        return None
+    import yaml
+
+    with open(config) as f:
+        return int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
 
 
 # the training command (Detectron2's command line); a test swaps it for a stub

@@ -123,3 +123,17 @@ def test_run_jobs_prints_each_runs_log_and_progress(tmp_path, monkeypatch, capsy
     assert f"[start] new seed 1, log {tmp_path}/new_seed1/stdout.txt" in out
     assert "[progress] 1/2 runs done" in out and "time left unknown until one trains" in out  # a skip is no run
     assert "[progress] 2/2 runs done" in out
+
+
+def test_evaluation_trajectory_orders_evaluations_and_keeps_a_resumed_runs_last_record(tmp_path):
+    """Iterations trained (EvalHook's k - 1 -> k, the final test capped at MAX_ITER), the value of the last record
+    of an iteration a resumed run repeated, training-only records and a torn line ignored, no file: []."""
+    key = "sem_seg_volume/Dice"
+    d = protocol_run_dir(tmp_path, [{"iteration": 19, "total_loss": 1.0}, {"iteration": 599, key: 0.5},
+                                    {"iteration": 299, key: 0.2}, {"iteration": 299, key: 0.3},
+                                    {"iteration": 1200, key: 0.6}], max_iter=1200)
+    with open(os.path.join(d, "metrics.json"), "a") as f:
+        f.write('{"iteration": 1199, "sem_seg_vol')
+    assert protocol.evaluation_trajectory(d, key) == [(300, 0.3), (600, 0.5), (1200, 0.6)]
+    assert protocol.evaluation_trajectory(d, "segm/AP") == []
+    assert protocol.evaluation_trajectory(str(tmp_path / "absent"), key) == []

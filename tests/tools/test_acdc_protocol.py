@@ -128,3 +128,18 @@ def test_mobilenet_overrides_build_every_arm(tmp_path, monkeypatch):
                                                                          model.teacher.backbone]
         assert all(isinstance(b, MobileNetV2UNetEncoder) and b.body.in_channels == 1 for b in backbones)
         assert all(p.requires_grad for p in backbones[0].parameters())
+
+
+def test_report_lists_each_runs_dice_at_every_evaluation(tmp_path):
+    """The results text gains one line per run that evaluated before its end (TEST.EVAL_PERIOD), none otherwise."""
+    out = tmp_path / "out"
+    key = "sem_seg_volume/Dice"
+    for name, records in (("mixed_seed1", [{"iteration": 299, key: 0.7}, {"iteration": 599, key: 0.8}]),
+                          ("supervised_p3_seed1", [{"iteration": 599, key: 0.6}])):
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 600\n")
+        (out / name / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    text = TOOL["trajectories"](str(out), [("supervised_p3", 1), ("mixed", 1)])
+    assert text.splitlines()[1:] == ["Mean 3D Dice at each evaluation (reported model):", "",
+                                     "- mixed seed 1: it 300 0.700, it 600 0.800"]
+    assert TOOL["trajectories"](str(out), [("supervised_p3", 1)]) == ""
