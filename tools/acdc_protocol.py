@@ -16,7 +16,8 @@ metrics.json holds the final evaluation) is not redone; an interrupted one conti
 over seeds, of the reported model and, for teacher-student arms, of the other one; with ``TEST.EVAL_PERIOD`` below
 the schedule, each run's mean Dice at every evaluation, to see whether the final figure is where the run peaks).
 lcc_no_separation_bn and mean_teacher_bn_w1 (consistency weight 1) add the BatchNorm switch to lcc_no_separation
-and mean_teacher; lcc_plus_bn_all divides lcc_plus_bn's two terms by every pixel instead of the kept ones (``MODEL.LCC.LOSS_NORM``).
+and mean_teacher; lcc_plus_bn_all divides lcc_plus_bn's two terms by every pixel instead of the kept ones
+(``MODEL.LCC.LOSS_NORM``).
 
 ``--largest-component`` trains nothing: it re-scores finished runs' final models keeping only each structure's
 largest 3D connected component (``TEST.VOLUME_LARGEST_COMPONENT``) into <output>/largest_component/results.md.
