@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,16 +38,10 @@ def final_metrics(run_dir: str, is_evaluation: Callable[[Dict], bool]) -> Option
     path, max_iter = os.path.join(run_dir, "metrics.json"), _max_iter(run_dir)
     if not (os.path.isfile(path) and max_iter):
         return None
-    last_iter = max_iter - 1
     found: Metrics = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("iteration", -1) >= last_iter and is_evaluation(rec):
-                found.update({k: v for k, v in rec.items() if "/" in k})
+    for rec in _records(path):
+        if rec.get("iteration", -1) >= max_iter - 1 and is_evaluation(rec):
+            found.update({k: v for k, v in rec.items() if "/" in k})
     return found or None
 
 
@@ -58,19 +52,21 @@ def evaluation_trajectory(run_dir: str, key: str) -> List[Tuple[int, float]]:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         return []
-    found: Dict[int, float] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if key in rec and "iteration" in rec:
-                found[int(rec["iteration"])] = float(rec[key])
+    found = {int(rec["iteration"]): float(rec[key]) for rec in _records(path) if key in rec and "iteration" in rec}
     # iterations trained: EvalHook records a period's evaluation at iteration k - 1, the final test at MAX_ITER or
     # MAX_ITER - 1; capped at the run's MAX_ITER (config.yaml) where it is known
     cap = _max_iter(run_dir)
     return sorted((min(it + 1, cap) if cap else it + 1, v) for it, v in found.items())
+
+
+def _records(path: str) -> Iterator[Dict]:
+    """The JSON records of a metrics.json, in file order; a torn line (a run stopped mid-write) is skipped."""
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
 
 
 def _max_iter(run_dir: str) -> Optional[int]:
