@@ -42,6 +42,7 @@ def unet_unused(keys) -> Set[str]:
     """Checkpoint keys the U-Net encoder does not build: the stride-32 stage (features 14-17)."""
     return {k for k in keys if int(k.split(".")[1]) >= 14}
 
+
 # a plain process that loads only mobilenet.py + unet.py by path and runs DefaultPredictor on an exported model
 PREDICT = r"""
 import importlib.util, json, sys

@@ -238,8 +238,6 @@ def test_unet_segmentor_overfits_one_image():
     assert losses[-1] < 0.1 * losses[0], losses  # measured: 1.45 -> 0.019
 
 
-
-
 def test_exported_unet_segmentor_predicts_the_same_in_plain_default_predictor(tmp_path):
     """The state dict loads into Detectron2's DefaultPredictor in a process that loads only mobilenet.py and
     unet.py (not mmt_psm), from a config with Detectron2's keys and MODEL.MOBILENET only; same logits."""
