@@ -7,6 +7,12 @@ from typing import List, Sequence, Tuple
 import cv2
 import numpy as np
 
+# configs/psm/Base-PSM-UNet.yaml's overrides for the from-scratch U-Net and stage-1 ResNet (its default is the ImageNet
+# MobileNetV2): the tests that shrink those networks to a few channels pass them first
+SCRATCH = ["MODEL.BACKBONE.NAME", "build_unet_backbone", "MODEL.WEIGHTS", "",
+           "MODEL.PIXEL_MEAN", "[170.0, 120.0, 165.0]", "MODEL.PIXEL_STD", "[40.0, 45.0, 35.0]",
+           "PSM.SELF_SUP.ENCODER", "scratch"]
+
 STROMA = (235, 170, 215)
 NUCLEUS = (80, 45, 135)
 

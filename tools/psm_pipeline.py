@@ -16,14 +16,13 @@ Detectron2's launch flags (``--num-gpus`` ...) to the training stages 4 and 6. O
 folder), OUTPUT/detection, OUTPUT/segmentation (train_net dirs, each with its log.txt), OUTPUT/predictions. Each
 step prints its time, the steps done / total, the time elapsed and an estimate of the time left.
 
-ImageNet MobileNetV2 encoder (mmt_psm/networks/mobilenet.py) for stages 1, 4 and 6, by trailing overrides only
-(written by ``python tools/prepare_pretrained.py``; run from the repository root, as the path is relative):
-    python tools/psm_pipeline.py --images monuseg_train --test monuseg_test --output output/psm_mobilenet \
-        MODEL.BACKBONE.NAME build_mobilenet_v2_unet_backbone MODEL.WEIGHTS pretrained/mobilenet_v2_imagenet.pth \
-        MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]" MODEL.PIXEL_STD "[58.395, 57.12, 57.375]" \
-        PSM.SELF_SUP.ENCODER mobilenet_v2
-(ImageNet's RGB statistics for the pretrained encoder of stages 4 and 6; stage 1 normalises by them itself.) The
-weights initialise stages 1 and 4; stage 6 still starts from stage 4 (from ImageNet with ``--seg-from-scratch``).
+Stages 1, 4 and 6 train the ImageNet MobileNetV2 encoder (configs/psm/Base-PSM-UNet.yaml; the file is written by
+``python tools/prepare_pretrained.py``, which ``make setup`` runs; run from the repository root, as the path is
+relative). Its weights initialise stages 1 and 4; stage 6 starts from stage 4 (from ImageNet with
+``--seg-from-scratch``). The from-scratch U-Net and stage-1 ResNet by trailing overrides:
+    python tools/psm_pipeline.py --images monuseg_train --test monuseg_test --output output/psm_scratch \
+        MODEL.BACKBONE.NAME build_unet_backbone MODEL.WEIGHTS "" MODEL.PIXEL_MEAN "[170.0, 120.0, 165.0]" \
+        MODEL.PIXEL_STD "[40.0, 45.0, 35.0]" PSM.SELF_SUP.ENCODER scratch
 
 Supervised upper bound (``--supervised``, needs ``--train-gt``; use an ``--output`` of its own): stages 1-3 and 5 are
 replaced by ``psm_stage.py supervised-labels`` (pseudo mask and Voronoi labels = the GT foreground, borders of

@@ -10,7 +10,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 from common import REPO, tiny_cfg, tiny_synthetic
-from psm_common import write_tiles
+from psm_common import SCRATCH, write_tiles
 from semantic_common import tiny_acdc, tiny_semantic_cfg
 
 ITERS = 2
@@ -57,7 +57,7 @@ def _register(root):
 def _psm_cfg(out_dir):
     from mmt_psm.config import load_config
 
-    return load_config(os.path.join(REPO, "configs", "psm", "segmentation.yaml"), [
+    return load_config(os.path.join(REPO, "configs", "psm", "segmentation.yaml"), SCRATCH + [
         "MODEL.UNET.CHANNELS", (4, 8, 16), "MODEL.UNET.DROPOUT", (0.0, 0.0, 0.0),
         "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["res1", "res2", "res3"], "INPUT.PSM_CROP_SIZE", 32,
         "SEMI.IMS_PER_BATCH_LABELED", 1, "SOLVER.WARMUP_ITERS", 0, "DATASETS.TRAIN", ("gd_psm",),

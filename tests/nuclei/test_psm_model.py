@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from common import REPO
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from psm_common import SCRATCH
 
 from mmt_psm.config import load_config
 from mmt_psm.core.object_metrics import aji_counts, object_f1
@@ -26,7 +27,7 @@ from mmt_psm.nuclei.segmentor import PSMNucleiSegmentor
 
 def tiny_psm_cfg(voronoi_weight: float = 1.5):
     cfg = load_config(os.path.join(REPO, "configs", "psm", "Base-PSM-UNet.yaml"))  # device resolved (CPU here)
-    cfg.merge_from_list(["MODEL.UNET.CHANNELS", (4, 8, 16), "MODEL.UNET.DROPOUT", (0.0, 0.0, 0.0),
+    cfg.merge_from_list(SCRATCH + ["MODEL.UNET.CHANNELS", (4, 8, 16), "MODEL.UNET.DROPOUT", (0.0, 0.0, 0.0),
                          "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["res1", "res2", "res3"],
                          "MODEL.PSM.VORONOI_WEIGHT", voronoi_weight])
     return cfg

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 from common import REPO
-from psm_common import write_tiles
+from psm_common import SCRATCH, write_tiles
 
 from mmt_psm.nuclei.datasets import load_psm_index
 
-TINY = ["PSM.SELF_SUP.ITERS", "2", "PSM.SELF_SUP.CROP", "32", "PSM.SELF_SUP.BATCH", "2",
+TINY = SCRATCH + ["PSM.SELF_SUP.ITERS", "2", "PSM.SELF_SUP.CROP", "32", "PSM.SELF_SUP.BATCH", "2",
         "PSM.SELF_SUP.CHANNELS", "(4, 8)", "MODEL.UNET.CHANNELS", "(4, 8, 16)", "MODEL.UNET.DROPOUT", "(0.0, 0.0, 0.0)",
         "MODEL.SEM_SEG_HEAD.IN_FEATURES", '["res1", "res2", "res3"]', "INPUT.PSM_CROP_SIZE", "32",
         "SOLVER.IMS_PER_BATCH", "2", "SEMI.IMS_PER_BATCH_LABELED", "2", "SOLVER.WARMUP_ITERS", "0",

@@ -13,17 +13,18 @@ from common import REPO
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from mobilenet_common import ENCODER, IMAGENET_MEAN, IMAGENET_STD, REAL, unet_unused, write_checkpoint
-from psm_common import he_tile, write_tiles
+from psm_common import SCRATCH, he_tile, write_tiles
 from torch import nn
 
 import mmt_psm.nuclei  # noqa: F401  (registers PSMNucleiSegmentor)
 from mmt_psm.config import load_config
 from mmt_psm.core.checkpoint import AtomicCheckpointer
 from mmt_psm.networks.mobilenet import MobileNetV2UNetEncoder
+from mmt_psm.networks.unet import UNetEncoder
 from mmt_psm.nuclei.pipeline.label_files import resolve_images
 from mmt_psm.nuclei.pipeline.stages import run_activation, run_self_supervised
 from mmt_psm.nuclei.self_activation import grad_cam_raw, self_activation_map
-from mmt_psm.nuclei.self_supervised import MobileNetV2SelfSupervisedNet, build_self_supervised_net
+from mmt_psm.nuclei.self_supervised import MobileNetV2SelfSupervisedNet, SelfSupervisedNet, build_self_supervised_net
 
 PSM = os.path.join(REPO, "configs", "psm")
 STAGE1 = ["PSM.SELF_SUP.ENCODER", "mobilenet_v2", "PSM.SELF_SUP.ITERS", 2, "PSM.SELF_SUP.CROP", 32,
@@ -61,6 +62,25 @@ def _batch(n: int = 2, size: int = 32):
         out.append({"image": torch.as_tensor(img).permute(2, 0, 1).float(),
                     "sem_seg": torch.as_tensor(inst > 0, dtype=torch.long), "voronoi": vor})
     return out
+
+
+def test_the_configs_default_is_the_encoder_and_the_documented_overrides_restore_the_scratch_networks():
+    """configs/psm/ trains the ImageNet MobileNetV2 in stages 1, 4 and 6 by default; the overrides its comment
+    states (tests/psm_common.py SCRATCH) give the from-scratch U-Net and stage-1 ResNet back."""
+    base = os.path.join(PSM, "Base-PSM-UNet.yaml")
+    for name in ("Base-PSM-UNet", "detection", "segmentation"):
+        cfg = load_config(os.path.join(PSM, f"{name}.yaml"))
+        assert cfg.MODEL.BACKBONE.NAME == ENCODER and cfg.MODEL.WEIGHTS == "pretrained/mobilenet_v2_imagenet.pth"
+        assert list(cfg.MODEL.PIXEL_MEAN) == pytest.approx(IMAGENET_MEAN) and cfg.PSM.SELF_SUP.ENCODER == "mobilenet_v2"
+    text = " ".join(open(base).read().replace("#", " ").split())  # the comment, as one line
+    assert " ".join(f'"{v}"' if v == "" or v.startswith("[") else v for v in SCRATCH) in text
+    scratch = load_config(base, SCRATCH + ["PSM.SELF_SUP.CHANNELS", (4, 8)])
+    assert isinstance(build_self_supervised_net(scratch), SelfSupervisedNet)
+    model = build_model(load_config(base, SCRATCH + ["MODEL.UNET.CHANNELS", (4, 8, 16), "MODEL.UNET.DROPOUT",
+                                                     (0.0, 0.0, 0.0), "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+                                                     ["res1", "res2", "res3"]]))
+    assert isinstance(model.segmentor.backbone, UNetEncoder)
+    assert model.segmentor.pixel_mean.flatten().tolist() == pytest.approx([170.0, 120.0, 165.0])
 
 
 @pytest.mark.parametrize("stage", ["detection", "segmentation"])
@@ -122,7 +142,8 @@ def test_stage1_trains_loads_and_maps_with_the_pretrained_trunk(tmp_path, weight
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
     run_activation(images, folder, cfg, log=lambda m: None)
     assert (tmp_path / "labels" / "activation" / "tile0.png").is_file()
-    scratch = load_config(os.path.join(PSM, "Base-PSM-UNet.yaml"), overrides(weights))  # ENCODER "scratch"
+    scratch = load_config(os.path.join(PSM, "Base-PSM-UNet.yaml"), overrides(weights) + ["PSM.SELF_SUP.ENCODER",
+                                                                                      "scratch"])
     with pytest.raises(ValueError, match="another stage-1 network than PSM.SELF_SUP.ENCODER 'scratch'"):
         run_self_supervised(images, folder, scratch, log=lambda m: None)
 
@@ -147,7 +168,7 @@ def test_stage1_encoder_errors(tmp_path, weights):
     with pytest.raises(ValueError, match="PSM.SELF_SUP.ENCODER must be one of"):
         build_self_supervised_net(load_config(base, ["PSM.SELF_SUP.ENCODER", "resnet"]))
     with pytest.raises(ValueError, match="MODEL.WEIGHTS, which is empty"):
-        build_self_supervised_net(load_config(base, STAGE1))
+        build_self_supervised_net(load_config(base, STAGE1 + ["MODEL.WEIGHTS", ""]))
     other = tmp_path / "other.pth"  # a checkpoint without the trunk (e.g. another network's)
     torch.save({"model": {"fc.weight": torch.zeros(1, 96)}}, str(other))
     with pytest.raises(ValueError, match=r"lacks \d+ MobileNetV2 trunk tensors"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from common import REPO
-from psm_common import he_tile
+from psm_common import SCRATCH, he_tile
 
 from mmt_psm.nuclei.instances import instances_from_probability
 from mmt_psm.nuclei.pipeline.stages import refined_mask
@@ -147,8 +147,8 @@ def _stage1_cfg(iters: int = 2):
     from mmt_psm.config import load_config
 
     return load_config(os.path.join(REPO, "configs", "psm", "Base-PSM-UNet.yaml"),
-                       ["PSM.SELF_SUP.ITERS", iters, "PSM.SELF_SUP.CROP", 32, "PSM.SELF_SUP.BATCH", 2,
-                        "PSM.SELF_SUP.CHANNELS", (4, 8)])
+                       SCRATCH + ["PSM.SELF_SUP.ITERS", iters, "PSM.SELF_SUP.CROP", 32, "PSM.SELF_SUP.BATCH", 2,
+                                  "PSM.SELF_SUP.CHANNELS", (4, 8)])
 
 
 def test_stage1_trains_and_loads_on_the_configured_device(tmp_path):
