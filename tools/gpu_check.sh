@@ -7,8 +7,9 @@
 # wheel of `python tools/install_detectron2.py` (build/wheels/detectron2-*.whl) and the wheels of
 # your folder of wheels (GPU_CHECK_WHEELS=DIR); the `setup` check installs them into output/gpu_check/site.
 # `bash tools/gpu_check.sh --prepare-carry` (on this side) copies the wheels, the ACDC slices and two MoNuSeg tiles
-# into build/device-wheels and build/shared-data (git-ignored, ~40 MiB): carry build/wheels, build/device-wheels and
-# build/shared-data to the GPU machine and run `make gpu-check` there.
+# into build/device-wheels and build/shared-data (git-ignored, ~40 MiB): carry build/wheels, build/device-wheels,
+# build/shared-data and pretrained (the ImageNet MobileNetV2 of `make setup`, 7 MiB) to the GPU machine and run
+# `make gpu-check` there.
 # Prints one line per check, `PASS name`, `FAIL name (reason)` or `SKIP name (reason)` (data not there, or a check it
 # needs failed), keeps each check's log in output/gpu_check/logs/ and writes output/gpu_check/summary.json (schema
 # mmt_psm.gpu_check/1: checks with status, reason, seconds, log, command; benchmark numbers; environment). Every
@@ -50,7 +51,7 @@ if [ "${1:-}" = "--prepare-carry" ]; then  # with GPU_CHECK_WHEELS / GPU_CHECK_D
   for f in $(ls "$SHARED_DATA"/nuclei/monuseg/train/images/* | head -2); do cp "$f" build/shared-data/nuclei/monuseg/train/images/; done
   ls build/wheels/detectron2-*.whl 2>/dev/null || echo "no build/wheels/detectron2-*.whl yet: python tools/install_detectron2.py --route sdist --force writes it"
   du -sh build/wheels build/device-wheels build/shared-data 2>/dev/null
-  echo "carry: build/wheels build/device-wheels build/shared-data; then on the GPU machine: make gpu-check"
+  echo "carry: build/wheels build/device-wheels build/shared-data pretrained; then on the GPU machine: make gpu-check"
   exit 0
 fi
 case $OUT in /*) SITE=$OUT/site ;; *) SITE=$REPO/$OUT/site ;; esac
@@ -104,7 +105,7 @@ for c in supervised_p3 supervised_all scribble_only mixed_supervision mean_teach
     "\$NEED_ACDC || { echo 'no ACDC data (data_acdc skipped)'; exit 77; }; \$PY tools/train_net.py --config-file configs/acdc/$c.yaml \$SEM_OPTS $tests OUTPUT_DIR \$OUT/acdc/$c"
 done
 add psm_stage1_cuda 150 bg "" \
-  'test -d $PSM_IMAGES || { echo "no MoNuSeg tiles at $PSM_IMAGES"; exit 77; }; rm -rf $OUT/psm && $PY tools/psm_stage.py activation --images $PSM_IMAGES --labels $OUT/psm/labels --config-file configs/psm/Base-PSM-UNet.yaml MODEL.DEVICE $DEV PSM.SELF_SUP.ITERS 100'
+  'test -d $PSM_IMAGES || { echo "no MoNuSeg tiles at $PSM_IMAGES"; exit 77; }; test -f pretrained/mobilenet_v2_imagenet.pth || { echo "no pretrained/mobilenet_v2_imagenet.pth (configs/psm/ trains the ImageNet encoder): carry pretrained"; exit 77; }; rm -rf $OUT/psm && $PY tools/psm_stage.py activation --images $PSM_IMAGES --labels $OUT/psm/labels --config-file configs/psm/Base-PSM-UNet.yaml MODEL.DEVICE $DEV PSM.SELF_SUP.ITERS 100'
 
 # while the bg checks above run (not timed), the Mask R-CNN runs
 add e2e_train_50 180 seq data_synthetic \
