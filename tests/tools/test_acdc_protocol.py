@@ -143,3 +143,17 @@ def test_report_lists_each_runs_dice_at_every_evaluation(tmp_path):
     assert text.splitlines()[1:] == ["Mean 3D Dice at each evaluation (reported model):", "",
                                      "- mixed seed 1: it 300 0.700, it 600 0.800"]
     assert TOOL["trajectories"](str(out), [("supervised_p3", 1)]) == ""
+
+
+@pytest.mark.parametrize("arm, norm", [("lcc_plus", "kept"), ("lcc_plus_bn", "kept"), ("lcc_plus_bn_all", "all")])
+def test_lcc_plus_arms_pin_the_loss_normaliser_they_were_measured_with(arm, norm):
+    """configs/acdc/lcc_plus.yaml divides LCC's terms by every pixel; the arms measured before it did keep "kept"."""
+    from mmt_psm.config import load_config
+
+    shipped = load_config(os.path.join(REPO, "configs", "acdc", "lcc_plus.yaml"))
+    assert shipped.MODEL.LCC.LOSS_NORM == "all"
+    config, overrides = TOOL["ARMS"][arm]
+    opts = [x for k, v in overrides.items() for x in (k, v.format(s=1))]
+    cfg = load_config(os.path.join(REPO, "configs", "acdc", config), opts)
+    assert cfg.MODEL.LCC.LOSS_NORM == norm and cfg.MODEL.LCC.PROJECTION_DIM == 32
+    assert cfg.MODEL.LCC.BN_STATS == ("joint" if arm == "lcc_plus" else "labeled")
