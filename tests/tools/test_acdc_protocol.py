@@ -145,15 +145,23 @@ def test_report_lists_each_runs_dice_at_every_evaluation(tmp_path):
     assert TOOL["trajectories"](str(out), [("supervised_p3", 1)]) == ""
 
 
-@pytest.mark.parametrize("arm, norm", [("lcc_plus", "kept"), ("lcc_plus_bn", "kept"), ("lcc_plus_bn_all", "all")])
-def test_lcc_plus_arms_pin_the_loss_normaliser_they_were_measured_with(arm, norm):
-    """configs/acdc/lcc_plus.yaml divides LCC's terms by every pixel; the arms measured before it did keep "kept"."""
+def test_lcc_plus_arms_pin_the_loss_normaliser_they_were_measured_with(tmp_path, monkeypatch):
+    """configs/acdc/lcc_plus.yaml divides LCC's terms by every pixel; the arms measured before it did keep "kept".
+    Read from each arm's train_net command line as the tool writes it (train_net is the recording stub)."""
     from mmt_psm.config import load_config
+    from mmt_psm.core import protocol
+    from mmt_psm.train_net import argument_parser
 
-    shipped = load_config(os.path.join(REPO, "configs", "acdc", "lcc_plus.yaml"))
-    assert shipped.MODEL.LCC.LOSS_NORM == "all"
-    config, overrides = TOOL["ARMS"][arm]
-    opts = [x for k, v in overrides.items() for x in (k, v.format(s=1))]
-    cfg = load_config(os.path.join(REPO, "configs", "acdc", config), opts)
-    assert cfg.MODEL.LCC.LOSS_NORM == norm and cfg.MODEL.LCC.PROJECTION_DIM == 32
-    assert cfg.MODEL.LCC.BN_STATS == ("joint" if arm == "lcc_plus" else "labeled")
+    assert load_config(os.path.join(REPO, "configs", "acdc", "lcc_plus.yaml")).MODEL.LCC.LOSS_NORM == "all"
+    (tmp_path / "train_net.py").write_text(STUB_TRAIN_NET)
+    monkeypatch.setattr(protocol, "TRAIN_COMMAND", [sys.executable, str(tmp_path / "train_net.py")])
+    monkeypatch.setenv("ACDC_METRICS", json.dumps(TOOL["METRICS"]))
+    expected = {"lcc_plus": ("kept", "joint"), "lcc_plus_bn": ("kept", "labeled"),
+                "lcc_plus_bn_all": ("all", "labeled")}
+    out = tmp_path / "out"
+    assert TOOL["main"](["--arms", *expected, "--seeds", "1", "--output", str(out)]) == 0
+    for arm, (norm, bn) in expected.items():
+        with open(out / f"{arm}_seed1" / "argv.json") as f:
+            args = argument_parser().parse_args(json.load(f))
+        cfg = load_config(args.config_file, args.opts)
+        assert (cfg.MODEL.LCC.LOSS_NORM, cfg.MODEL.LCC.BN_STATS, cfg.MODEL.LCC.PROJECTION_DIM) == (norm, bn, 32), arm
