@@ -36,7 +36,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
-from mmt_psm.core.object_metrics import aji_counts, dice, f1_from_counts, object_f1, pixel_iou
+from mmt_psm.core.object_metrics import class_counts, f1_from_counts
 from mmt_psm.core.registry import EVALUATORS
 from mmt_psm.instance.coco_ap import build_coco_evaluator, has_instance_annotations
 from mmt_psm.instance.coco_io import annotation_to_mask
@@ -99,7 +99,7 @@ class CellInstanceEvaluator(DatasetEvaluator):
             gt = self._gt_masks(record)
             inst = out["instances"].to("cpu")
             keep = inst.scores >= self._score_thresh
-            pred_masks = inst.pred_masks[keep].numpy().astype(bool)
+            pred_masks = inst.pred_masks[keep].numpy().astype(bool, copy=False)
             pred_classes = inst.pred_classes[keep].numpy()
             if pred_masks.shape[1:] != (int(record["height"]), int(record["width"])):
                 raise ValueError(
@@ -109,17 +109,7 @@ class CellInstanceEvaluator(DatasetEvaluator):
             classes = {}
             for c, name in enumerate(self._class_names):
                 g, p = gt[c], pred_masks[pred_classes == c]
-                aji_c, aji_u = aji_counts(g, p)
-                f1 = object_f1(g, p)
-                classes[name] = {
-                    "aji_c": aji_c,
-                    "aji_u": aji_u,
-                    "tp": f1.tp,
-                    "fp": f1.fp,
-                    "fn": f1.fn,
-                    "dice": dice(g, p),
-                    "iou": pixel_iou(g, p),
-                }
+                classes[name] = class_counts(g, p)._asdict()
             self._per_image.append({"image_id": image_id, "classes": classes})
 
     def evaluate(self) -> OrderedDict[str, Dict[str, float]]:

@@ -5,6 +5,7 @@ import pytest
 from mmt_psm.core.object_metrics import (
     aggregated_jaccard_index,
     aji_counts,
+    class_counts,
     dice,
     f1_from_counts,
     iou_matrix,
@@ -143,6 +144,30 @@ def test_intersections_match_brute_force():
     np.testing.assert_array_equal(inter, brute)
     np.testing.assert_array_equal(ga, gt.sum((1, 2)))
     np.testing.assert_array_equal(pa, pred.sum((1, 2)))
+
+
+@pytest.mark.parametrize("n_gt,n_pred", [(5, 4), (0, 3), (4, 0), (0, 0)])
+def test_class_counts_equals_the_four_metrics(n_gt, n_pred):
+    """The one-pass evaluator path gives exactly what the four separate metrics give, empty cases included."""
+    rng = np.random.default_rng(n_gt * 10 + n_pred)
+    gt = [flat_range(s, s + rng.integers(3, 12)) for s in rng.integers(0, 24, n_gt)]
+    pred = [flat_range(s, s + rng.integers(3, 12)) for s in rng.integers(0, 24, n_pred)]
+    got = class_counts(gt, pred)
+    f1 = object_f1(gt, pred)
+    assert (got.aji_c, got.aji_u) == aji_counts(gt, pred)
+    assert (got.tp, got.fp, got.fn) == (f1.tp, f1.fp, f1.fn)
+    assert got.dice == dice(gt, pred) and got.iou == pixel_iou(gt, pred)
+    if n_gt and n_pred:
+        assert 0 < got.aji_c < got.aji_u
+
+
+def test_class_counts_by_hand():
+    """GT {A, B} vs predictions {P1, P2, P3} of the 4x4 case: C = 4 + 4, U = 4 + 6 + 4 (P3 unpaired)."""
+    got = class_counts([GT_A, GT_B], [P1, P2, P3])
+    assert (got.aji_c, got.aji_u) == (8, 14)
+    assert (got.tp, got.fp, got.fn) == (2, 1, 0)
+    # unions: GT 6 px (rows 0-1, cols 0-2), pred 12 px; overlap 6 px
+    assert got.dice == pytest.approx(12 / 18) and got.iou == pytest.approx(6 / 12)
 
 
 def test_size_mismatch_raises():
