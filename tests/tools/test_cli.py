@@ -25,6 +25,7 @@ NOT_ARGPARSE: dict = {}
 # argparse tools that write no file named by --output, with the reason
 NO_OUTPUT_FLAG = {
     "benchmark.py": "prints its table (--json: the JSON object on stdout); writes nothing",
+    "benchmark_cell_metrics.py": "prints two timings and the shared figures; writes nothing",
     "compare_checkpoints.py": "prints a JSON summary on stdout; writes nothing",
     "gpu_check_validate.py": "checks the GPU check plan and prints INVALID lines; writes nothing",
     "dataset_stats.py": "prints the statistics; --json FILE also saves the printed numbers",
