@@ -31,9 +31,10 @@ supervised burn-in 50, EMA from 40 with decay 0.95, ramps of 25; a checkpoint ev
 
 Cost on MoNuSeg (3 labeled + 10 unlabeled tiles, 14 test tiles; 1 thread, one run per core of 2): a supervised
 step ~2.2 s, a teacher-student step ~8.6 s (mmt_psm) / ~7.6 s (mmt_psm_plus: no feature loss), the teacher's
-~250 pseudo-labels per 256 crop at the paper's score 0.05 being most of it; testing 12-19 s per tile and model
-(teacher and student are both tested). About 12 min per supervised run, 30 min per teacher-student run: the
-9 runs of 3 seeds take ~2 h with ``--jobs 2``. Checkpoints: ~1 GB per teacher-student run, 0.7 GB supervised.
+~250 pseudo-labels per 256 crop at the paper's score 0.05 being most of it; testing 13-20 s per tile and model
+(3-4 s of it the cell metrics; teacher and student are both tested). 15-25 min per supervised run, 27-48 min per
+teacher-student run: the 9 runs of 3 seeds take ~2.5 h with ``--jobs 2``. Checkpoints: ~1 GB per
+teacher-student run, 0.7 GB supervised.
 
 A finished run (its metrics.json holds the evaluation at the LAST iteration) is not redone; an interrupted one
 resumes from its last checkpoint. Writes <output>/results.json and <output>/results.md: segm AP, cell AJI and F1

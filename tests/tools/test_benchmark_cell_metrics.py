@@ -5,7 +5,7 @@ import importlib.util
 import os
 
 import numpy as np
-from common import REPO  # noqa: E402
+from common import REPO
 
 _SPEC = importlib.util.spec_from_file_location(
     "benchmark_cell_metrics", os.path.join(REPO, "tools", "benchmark_cell_metrics.py"))
