@@ -108,7 +108,9 @@ class CellInstanceEvaluator(DatasetEvaluator):
                 )
             classes = {}
             for c, name in enumerate(self._class_names):
-                g, p = gt[c], pred_masks[pred_classes == c]
+                of_c = pred_classes == c
+                # a 1-class set (or an image whose predictions are all class c) keeps the stack uncopied
+                g, p = gt[c], (pred_masks if of_c.all() else pred_masks[of_c])
                 classes[name] = class_counts(g, p)._asdict()
             self._per_image.append({"image_id": image_id, "classes": classes})
 
