@@ -39,7 +39,8 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
     plus, paper = cfgs["mmt_psm_plus"].MODEL.MMT_PSM, cfgs["mmt_psm"].MODEL.MMT_PSM
     assert plus.MASK_DISTILL and not paper.MASK_DISTILL and not paper.FUSE_ALL_VIEWS
     assert not plus.MGD_LOSS and paper.MGD_LOSS and cfgs["mmt_psm_fuse_distill"].MODEL.MMT_PSM.MGD_LOSS
-    # the plus config file holds exactly the protocol's plus switches and the cap of arm mmt_psm_plus_cap16
+    # the plus config file holds exactly the protocol's plus switches, the cap of arm mmt_psm_plus_cap16 and the
+    # unsupervised weight of arm mmt_psm_plus_w1
     assert cfgs["mmt_psm_plus_cap16"].MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES == 16
     assert plus.MASK_DISTILL_MAX_POSITIVES == 0
     full = get_cfg()
@@ -50,6 +51,8 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
         for part in key.split("."):
             node = node[part]
         assert str(node) == value, key
+    assert full.SEMI.UNSUP_WEIGHT == float(TOOL["ARMS"]["mmt_psm_plus_w1"]["SEMI.UNSUP_WEIGHT"]) == 1.0
+    assert cfgs["mmt_psm"].SEMI.UNSUP_WEIGHT == 5.0  # the paper's weight stays in the paper's setting
 
 
 def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
