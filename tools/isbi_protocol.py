@@ -15,7 +15,8 @@ and student box-head dropout; they differ only in what the protocol compares:
   that separates "EMA weights" from "unlabeled data").
 * ``mean_teacher``: + the other 4 train frames and the 4 EDF images unlabeled, plain Mean Teacher switches.
 * ``mmt_psm``: the paper's method (``configs/mmt_psm_R50.yaml`` switches).
-* ``mmt_psm_plus_cap16``: ``configs/mmt_psm_plus_R50.yaml`` (``PLUS_CONFIG`` below): the paper's method +
+* ``mmt_psm_plus_cap16``: the switches of ``configs/mmt_psm_plus_R50.yaml`` (``PLUS_CONFIG`` below) at the
+  paper's unsupervised weight 5 (the config ships 1: arm ``mmt_psm_plus_w1``): the paper's method +
   view fusion + mask distillation on a random 16 positives per image, without the feature loss (it lowers
   cytoplasm AP here, BENCHMARKS.md). ``mmt_psm_plus`` (``PLUS``, run when named) is the same without the cap:
   the plus config until 2026-11-25 (called ``mmt_psm_plus_no_mgd`` before 2026-11-24).
@@ -64,7 +65,7 @@ SUPERVISED = {"DATASETS.TRAIN_UNLABELED": "()", "SEMI.IMS_PER_BATCH_UNLABELED": 
 MEAN_TEACHER = {"MODEL.MMT_PSM.NUM_TEACHER_COPIES": "1", "MODEL.MMT_PSM.TEACHER_FLIP": "False",
                 "MODEL.MMT_PSM.MINING": "False", "MODEL.MMT_PSM.MGD_USE_MASK": "False"}
 PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True", "MODEL.MMT_PSM.MGD_LOSS": "False"}
-# configs/mmt_psm_plus_R50.yaml since 2026-11-25: PLUS + the cap (protocol arm mmt_psm_plus_cap16)
+# configs/mmt_psm_plus_R50.yaml's switches: PLUS + the cap (arm mmt_psm_plus_cap16; + SEMI.UNSUP_WEIGHT 1: mmt_psm_plus_w1)
 PLUS_CONFIG = {**PLUS, "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES": "16"}
 ARMS: Dict[str, Dict[str, str]] = {
     "supervised_n1": {"DATASETS.SPLIT_FILE": SPLIT_N1, **SUPERVISED},
