@@ -65,7 +65,7 @@ SUPERVISED = {"DATASETS.TRAIN_UNLABELED": "()", "SEMI.IMS_PER_BATCH_UNLABELED": 
 MEAN_TEACHER = {"MODEL.MMT_PSM.NUM_TEACHER_COPIES": "1", "MODEL.MMT_PSM.TEACHER_FLIP": "False",
                 "MODEL.MMT_PSM.MINING": "False", "MODEL.MMT_PSM.MGD_USE_MASK": "False"}
 PLUS = {"MODEL.MMT_PSM.MASK_DISTILL": "True", "MODEL.MMT_PSM.FUSE_ALL_VIEWS": "True", "MODEL.MMT_PSM.MGD_LOSS": "False"}
-# configs/mmt_psm_plus_R50.yaml's switches: PLUS + the cap (arm mmt_psm_plus_cap16; + SEMI.UNSUP_WEIGHT 1: mmt_psm_plus_w1)
+# the plus config's switches: PLUS + the cap (arm mmt_psm_plus_cap16; + SEMI.UNSUP_WEIGHT 1: mmt_psm_plus_w1)
 PLUS_CONFIG = {**PLUS, "MODEL.MMT_PSM.MASK_DISTILL_MAX_POSITIVES": "16"}
 ARMS: Dict[str, Dict[str, str]] = {
     "supervised_n1": {"DATASETS.SPLIT_FILE": SPLIT_N1, **SUPERVISED},
