@@ -82,6 +82,31 @@ def test_copies_where_links_are_not_possible(tmp_path, monkeypatch):
     assert (unl / name).read_bytes() == open(os.path.join(root, name), "rb").read()
 
 
+def test_a_run_preparing_the_same_folder_at_the_same_time_is_no_error(tmp_path, monkeypatch):
+    """Two protocol runs of one seed started together both write the unlabeled folder: a link that another
+    process created between the check and the write is accepted when it points at the same image."""
+    js, root = _coco(str(tmp_path))
+    real = os.symlink
+
+    def raced(src, dst):
+        real(src, dst)  # the other process wins the race
+        raise FileExistsError(dst)
+
+    monkeypatch.setattr(os, "symlink", raced)
+    unl = tmp_path / "unl"
+    res = TOOL["make_subset"](js, root, str(tmp_path / "l.json"), count=2, seed=3, unlabeled_dir=str(unl))
+    assert res["unlabeled_dir"] == "symlinks" and sorted(os.listdir(unl)) == sorted(res["unlabeled"])
+    assert all(os.path.islink(unl / n) for n in os.listdir(unl))
+
+    def raced_elsewhere(src, dst):
+        real(os.path.join(root, "img0.png"), dst)
+        raise FileExistsError(dst)
+
+    monkeypatch.setattr(os, "symlink", raced_elsewhere)
+    with pytest.raises(SubsetError, match="appeared while writing and is not a link to"):
+        TOOL["make_subset"](js, root, str(tmp_path / "l2.json"), count=2, seed=3, unlabeled_dir=str(tmp_path / "u2"))
+
+
 def test_base_names_clash_then_the_folder_uses_flattened_paths_and_names_match_base_or_file_name(tmp_path):
     js, root = _coco(str(tmp_path), ["a/x.png", "b/x.png", "c/y.png", "z.png", "d/w.png", "v.png"])
     unl = tmp_path / "unl"
