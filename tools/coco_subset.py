@@ -116,8 +116,8 @@ def _write_folder(folder: str, sources: Sequence[str], names: Sequence[str]) -> 
             os.symlink(src, dst)
         except FileExistsError as err:  # another run preparing the same seed at the same time linked it first
             if not (os.path.islink(dst) and os.readlink(dst) == src):
-                raise SubsetError(f"unlabeled folder {folder}: {name} appeared while writing and is not a link "
-                                  f"to {src}") from err
+                raise SubsetError(f"unlabeled folder {folder}: {os.path.basename(dst)} appeared while writing and "
+                                  f"is not a link to {src}") from err
         except (OSError, NotImplementedError):
             shutil.copy2(src, dst)
             how = "copies"
