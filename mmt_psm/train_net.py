@@ -1,4 +1,4 @@
-"""Train or evaluate a cell/organ segmentation model with Detectron2's usual command line (``tools/train_net.py``
+r"""Train or evaluate a cell/organ segmentation model with Detectron2's usual command line (``tools/train_net.py``
 and ``python -m mmt_psm.train_net`` run this module).
 
     python tools/train_net.py --config-file configs/mmt_psm_R50.yaml --num-gpus 4

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How far apart two checkpoints' weights are: per-tensor max |a - b| and ||a - b|| / ||a||, summarised.
+r"""How far apart two checkpoints' weights are: per-tensor max |a - b| and ||a - b|| / ||a||, summarised.
 
     python tools/compare_checkpoints.py output/isbi_protocol/supervised_n2_seed1/model_0000049.pth \
         output/isbi_protocol/mmt_psm_plus_seed1/model_0000049.pth --prefix student.

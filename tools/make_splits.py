@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a seeded labeled/unlabeled split file of a registered data set (see mmt_psm/core/splits.py).
+r"""Write a seeded labeled/unlabeled split file of a registered data set (see mmt_psm/core/splits.py).
 
     python tools/make_splits.py --dataset isbi2015_train --count 2 --seed 1 \
         --output datasets/splits/isbi2015_train_n2_seed1.json

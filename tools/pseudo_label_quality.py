@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pseudo-label quality of a trained run's teacher (or student) on held-back labeled images, per class and score
+r"""Pseudo-label quality of a trained run's teacher (or student) on held-back labeled images, per class and score
 threshold: what the pseudo-label monitor logs during training, measured afterwards on many crops of a checkpoint.
 
     python tools/pseudo_label_quality.py output/isbi_protocol/mmt_psm_seed1 --crops 24

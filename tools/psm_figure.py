@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Side-by-side PNGs of PSM predictions and ground truth (the figures of docs/nuclei.md).
+r"""Side-by-side PNGs of PSM predictions and ground truth (the figures of docs/nuclei.md).
 
     python tools/psm_figure.py --pred output/psm_h_seedm1/predictions --images monuseg_test \
         --stems TCGA-ZF-A9R5-01A-01-TS1 TCGA-HT-8564-01Z-00-DX1 --crop 320 --output docs/psm

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PSM end to end on a folder of H&E tiles (or a registered data set), without any label:
+r"""PSM end to end on a folder of H&E tiles (or a registered data set), without any label:
 
     python tools/psm_pipeline.py --images my_he_tiles/ --output output/psm_run
     python tools/psm_pipeline.py --images monuseg_train --test monuseg_test \

@@ -13,6 +13,7 @@ plus: relative links resolve, docs/framework.svg is what tools/draw_framework.py
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import os
 import re
@@ -259,6 +260,23 @@ def test_relative_links_resolve():
             if not os.path.exists(os.path.join(os.path.dirname(path), target)):
                 bad.append(f"{_rel(path)} -> {target}")
     assert not bad, "\n".join(bad)
+
+
+def test_module_docstrings_keep_their_shell_line_continuations():
+    """A tool's docstring is its ``--help`` text: a ``\\`` ending a command line there must reach the reader."""
+    bad = []
+    modules = glob.glob(os.path.join(REPO, "tools", "*.py"))
+    modules += glob.glob(os.path.join(REPO, "mmt_psm", "**", "*.py"), recursive=True)
+    for path in sorted(modules):
+        source = _read(path)
+        tree = ast.parse(source)
+        doc = ast.get_docstring(tree, clean=False)
+        if doc is None:
+            continue
+        written = ast.get_source_segment(source, tree.body[0].value)
+        if written.count("\\\n") > doc.count("\\\n"):
+            bad.append(_rel(path))
+    assert not bad, "docstrings that drop their backslash-newlines (make them r-strings): " + ", ".join(bad)
 
 
 def test_readme_stays_short():
