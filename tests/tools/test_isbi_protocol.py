@@ -53,6 +53,10 @@ def test_arms_share_architecture_schedule_and_dropout_and_differ_only_in_what_is
         assert str(node) == value, key
     assert full.SEMI.UNSUP_WEIGHT == float(TOOL["ARMS"]["mmt_psm_plus_w1"]["SEMI.UNSUP_WEIGHT"]) == 1.0
     assert cfgs["mmt_psm"].SEMI.UNSUP_WEIGHT == 5.0  # the paper's weight stays in the paper's setting
+    # and the pseudo-label threshold of arm mmt_psm_plus_thr05; the paper's 0.05 stays in the paper's setting
+    assert full.MODEL.MMT_PSM.PSEUDO_SCORE_THRESH == float(
+        TOOL["ARMS"]["mmt_psm_plus_thr05"]["MODEL.MMT_PSM.PSEUDO_SCORE_THRESH"]) == 0.5
+    assert cfgs["mmt_psm"].MODEL.MMT_PSM.PSEUDO_SCORE_THRESH == 0.05
 
 
 def test_intermediate_evaluation_is_not_a_final_result(tmp_path):
